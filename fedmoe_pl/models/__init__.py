@@ -1,0 +1,33 @@
+"""Plain ``nn.Module`` models: the CNN zoo, the gate and the local mixture of experts."""
+
+from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES, CNNExtractor, CNNShape
+from fedmoe_pl.models.gate import GateNorm, GatingNetwork
+from fedmoe_pl.models.moe import LocalMoE
+from fedmoe_pl.models.registry import (
+    ModelSpec,
+    ZooModel,
+    available_models,
+    build_model,
+    check_model_spec,
+    model_name,
+    register_model,
+)
+from fedmoe_pl.models.switch_norm import SwitchNorm1d
+
+__all__ = [
+    "CNN",
+    "CNNExtractor",
+    "CNNShape",
+    "GateNorm",
+    "GatingNetwork",
+    "LocalMoE",
+    "ModelSpec",
+    "SwitchNorm1d",
+    "ZOO_SHAPES",
+    "ZooModel",
+    "available_models",
+    "build_model",
+    "check_model_spec",
+    "model_name",
+    "register_model",
+]

@@ -1,0 +1,60 @@
+"""A client's local mixture of experts: global expert + local expert, mixed per sample by a gate."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedmoe_pl.models.gate import GateNorm, GatingNetwork
+
+
+def _width(module: nn.Module) -> int:
+    width = getattr(module, "out_features", None)
+    if not isinstance(width, int):
+        raise TypeError(f"{type(module).__name__} does not declare its output width `out_features`")
+    return width
+
+
+class LocalMoE(nn.Module):
+    """``logits = header(a_G * global_expert(x) + a_F * local_expert(x))`` with ``(a_G, a_F) = gate(x)``.
+
+    Only ``global_expert`` is ever shared; the other three sub-modules are the client's own.
+
+    Args:
+        global_expert: the small extractor every client holds a copy of.
+        local_expert: the client's own (heterogeneous) extractor.
+        header: the client's own last layer, representation -> logits.
+        in_features: flattened input size the gate sees (C*H*W).
+        gate_hidden: hidden width of the gate.
+        gate_norm: normalization at the gate's input.
+    """
+
+    def __init__(
+        self,
+        global_expert: nn.Module,
+        local_expert: nn.Module,
+        header: nn.Module,
+        in_features: int,
+        gate_hidden: int = 64,
+        gate_norm: GateNorm = "switch",
+    ) -> None:
+        super().__init__()
+        global_width, local_width = _width(global_expert), _width(local_expert)
+        if global_width != local_width:
+            raise ValueError(
+                f"the global expert's representation is {global_width} wide but the local expert's "
+                f"is {local_width}; the gate mixes them element-wise, so both extractors must "
+                "produce the same width"
+            )
+        self.global_expert = global_expert
+        self.local_expert = local_expert
+        self.gate = GatingNetwork(in_features, gate_hidden, gate_norm)
+        self.header = header
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits (B, classes), gate weights (B, 2))."""
+        weights = self.gate(x)  # (B, 2)
+        r_global = self.global_expert(x)  # (B, W)
+        r_local = self.local_expert(x)  # (B, W)
+        mixed = weights[:, :1] * r_global + weights[:, 1:] * r_local  # (B, W)
+        return self.header(mixed), weights

@@ -1,0 +1,108 @@
+"""Choosing client models by name from YAML.
+
+A zoo entry in a config is either a registered name (``cnn1``) or a ``class_path``/``init_args``
+mapping naming any ``nn.Module`` class that follows the :class:`ZooModel` contract. New families
+(a ResNet with a projection to the shared width, say) register a factory with
+:func:`register_model` and plug into every algorithm without touching the mixture.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol, Union, runtime_checkable
+
+import torch
+from torch import nn
+
+from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES
+
+ModelSpec = Union[str, dict[str, Any]]
+ModelFactory = Callable[..., nn.Module]
+
+
+@runtime_checkable
+class ZooModel(Protocol):
+    """What the algorithms need from a client model."""
+
+    extractor: nn.Module  # image -> (B, feature_dim)
+    head: nn.Module  # (B, feature_dim) -> (B, num_classes)
+
+    @property
+    def feature_dim(self) -> int: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str, factory: ModelFactory) -> None:
+    """Make ``factory(in_channels=, image_size=, num_classes=)`` selectable as ``name``."""
+    if name in _REGISTRY:
+        raise ValueError(f"a model named {name!r} is already registered; choose another name")
+    _REGISTRY[name] = factory
+
+
+def available_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _cnn_factory(name: str) -> ModelFactory:
+    def build(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+        return CNN(ZOO_SHAPES[name], in_channels, image_size, num_classes)
+
+    return build
+
+
+for _name in ZOO_SHAPES:
+    register_model(_name, _cnn_factory(_name))
+
+
+def _import_class(class_path: str) -> type:
+    module_name, _, attr = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"model class_path {class_path!r} cannot be imported ({err}); give a dotted path "
+            "such as 'my_package.models.MyNet' that is importable in this environment"
+        ) from err
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    """Fail early, before any data is loaded, on a model name nobody registered."""
+    if isinstance(spec, str):
+        if spec not in _REGISTRY:
+            raise ValueError(
+                f"unknown model {spec!r}; registered models are {available_models()} "
+                "(or give a mapping with class_path and init_args)"
+            )
+    elif isinstance(spec, dict):
+        if "class_path" not in spec:
+            raise ValueError(f"model spec {spec!r} needs a 'class_path' key")
+        _import_class(spec["class_path"])
+    else:
+        raise ValueError(f"model spec {spec!r} must be a registered name or a class_path mapping")
+
+
+def model_name(spec: ModelSpec) -> str:
+    return spec if isinstance(spec, str) else str(spec["class_path"])
+
+
+def build_model(spec: ModelSpec, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """Build a client model for data of the given shape."""
+    check_model_spec(spec)
+    dims = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+    if isinstance(spec, str):
+        model = _REGISTRY[spec](**dims)
+    else:
+        model = _import_class(spec["class_path"])(**dims, **spec.get("init_args", {}))
+    if not isinstance(model, ZooModel):
+        raise TypeError(
+            f"model {model_name(spec)!r} lacks the zoo contract: it needs `extractor`, `head`, "
+            "`feature_dim`, `forward_features` and `forward_head`"
+        )
+    return model
