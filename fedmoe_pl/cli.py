@@ -1,0 +1,118 @@
+"""The ``fedmoe-pl`` command, following LightningCLI's conventions.
+
+Subcommands ``fit`` and ``partition`` take the same configuration: ``--config`` files (later ones
+overlay earlier ones), dotted overrides such as ``--federation.rounds 50``, ``--print_config``,
+``class_path``/``init_args`` for sources, partitioners and algorithms, and ``--seed_everything``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning import Trainer
+
+from fedmoe_pl.algorithms import Algorithm, ClientConfig
+from fedmoe_pl.data import FederatedDataModule
+from fedmoe_pl.experiment import Experiment, fit
+from fedmoe_pl.federation import FederationConfig
+from fedmoe_pl.tracking import WandbConfig
+
+# Trainer arguments the federation sets itself: one device, one local fit, nothing logged.
+TRAINER_OWNED = {
+    "logger", "callbacks", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "devices", "num_nodes",
+    "strategy", "num_sanity_val_steps", "limit_val_batches", "check_val_every_n_epoch",
+    "val_check_interval", "default_root_dir", "plugins",
+}
+
+DEFAULTS = {
+    "data.source": {"class_path": "fedmoe_pl.data.FashionMNIST"},
+    "data.partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
+    "algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE"},
+}
+
+
+def _experiment_parser(description: str) -> ArgumentParser:
+    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config; repeat to overlay")
+    parser.add_argument("--seed_everything", type=int, default=0, help="seed of every random stream of the run")
+    parser.add_class_arguments(FederatedDataModule, "data")
+    parser.add_class_arguments(ClientConfig, "client")
+    parser.add_subclass_arguments(Algorithm, "algorithm")
+    parser.add_class_arguments(FederationConfig, "federation")
+    parser.add_class_arguments(WandbConfig, "wandb")
+    parser.add_class_arguments(Trainer, "trainer", skip=TRAINER_OWNED, instantiate=False)
+    parser.set_defaults(DEFAULTS)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="fedmoe-pl", description="pFedMoE and baselines for personalized federated learning")
+    commands = parser.add_subcommands(dest="subcommand")
+    fit_parser = _experiment_parser("Train a federation and write its run directory")
+    fit_parser.add_argument("--resume", type=str | None, default=None, help="run directory or checkpoint to continue")
+    commands.add_subcommand("fit", fit_parser, help="train a federation")
+    part_parser = _experiment_parser("Build the data partition of a config and report it, training nothing")
+    part_parser.add_argument("--output", type=str, default="partition", help="folder for partition.json and the heat map")
+    commands.add_subcommand("partition", part_parser, help="inspect the partition a config produces")
+    return parser
+
+
+def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
+    init = parser.instantiate_classes(cfg)
+    plain = cfg.clone()
+    for key in ("config", "__path__"):
+        if key in plain:
+            del plain[key]
+    as_dict: dict[str, Any] = plain.as_dict()
+    trainer = {k: v for k, v in cfg.trainer.as_dict().items() if v is not None}
+    return Experiment(
+        seed=cfg.seed_everything,
+        data=init.data,
+        client=init.client,
+        algorithm=init.algorithm,
+        federation=init.federation,
+        wandb=init.wandb,
+        trainer=_non_defaults(trainer),
+        config=as_dict,
+        config_yaml=parser.dump(plain, skip_none=False),
+    )
+
+
+def _non_defaults(trainer: dict[str, Any]) -> dict[str, Any]:
+    """Pass on only the Trainer arguments the user changed, so Lightning's defaults stay Lightning's."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
+    return {k: v for k, v in trainer.items() if defaults.get(k, object()) != v}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    command = cfg.subcommand
+    sub_parser = parser._subcommands_action._name_parser_map[command]  # type: ignore[attr-defined]
+    sub_cfg = cfg[command]
+    try:
+        exp = _experiment(sub_parser, sub_cfg)
+        if command == "fit":
+            summary = fit(exp, resume=sub_cfg.resume)
+            print(
+                f"final mean client test accuracy: {summary['final_mean_acc']:.4f} "
+                f"(best {summary['best_mean_acc']:.4f} at round {summary['best_round']})\n"
+                f"results: {Path(exp.federation.run_dir).resolve()}"
+            )
+        else:
+            from fedmoe_pl.report import write_partition
+
+            write_partition(exp, Path(sub_cfg.output))
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

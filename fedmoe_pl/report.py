@@ -1,0 +1,63 @@
+"""Human-readable views of a run's inputs: the partition table and heat map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fedmoe_pl.experiment import Experiment
+
+
+def label_matrix(report: dict[str, Any], part: str = "train") -> np.ndarray:
+    """(clients, classes) sample counts from a ``partition.json`` report."""
+    out = np.zeros((len(report["clients"]), report["num_classes"]), dtype=np.int64)
+    for row in report["clients"]:
+        for label, n in row[part].items():
+            out[row["id"], int(label)] = n
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    train, test = label_matrix(report, "train"), label_matrix(report, "test")
+    k = report["num_classes"]
+    head = f"{'client':>6} | " + " ".join(f"{c:>5}" for c in range(k)) + " | train  test"
+    lines = [f"partition {report['fingerprint']}", head, "-" * len(head)]
+    for i in range(len(train)):
+        cells = " ".join(f"{n:>5}" for n in train[i])
+        lines.append(f"{i:>6} | {cells} | {train[i].sum():>5} {test[i].sum():>5}")
+    lines.append(f"{'total':>6} | " + " ".join(f"{n:>5}" for n in train.sum(0)) + f" | {train.sum():>5} {test.sum():>5}")
+    return "\n".join(lines)
+
+
+def save_heatmap(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = label_matrix(report, "train")
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * counts.shape[1] + 2), max(3, 0.25 * counts.shape[0] + 1.5)))
+    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_title(f"training samples per client and class ({report['fingerprint']})")
+    fig.colorbar(image, ax=ax, label="samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_partition(exp: Experiment, output: Path) -> dict[str, Any]:
+    """Build the data module, write ``partition.json`` and ``partition.png``, print the table."""
+    exp.data.setup(exp.seed)
+    report = exp.data.report()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_heatmap(report, output / "partition.png")
+    print(format_table(report))
+    print(f"written: {output / 'partition.json'}, {output / 'partition.png'}")
+    return report
