@@ -1,0 +1,105 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedmoe_pl.data import IID, Dirichlet, FederatedDataModule, Pathological, Synthetic, assign
+
+
+def make(partitioner, num_clients=10, split="paper", seed=0, **source):
+    dm = FederatedDataModule(Synthetic(**source), partitioner, num_clients, split=split)
+    dm.setup(seed)
+    return dm
+
+
+def labels_of(dm, part="train"):
+    return [set(getattr(c, f"{part}_labels").tolist()) for c in dm.clients]
+
+
+@pytest.mark.parametrize("partitioner", [Pathological(2), Pathological(3, balanced=False), Dirichlet(0.3, 5), IID()])
+def test_same_seed_same_partition_other_seed_other_fingerprint(partitioner) -> None:
+    a, b, c = make(partitioner, seed=1), make(partitioner, seed=1), make(partitioner, seed=2)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.label_counts() == b.label_counts()
+
+
+def test_fingerprint_is_the_same_in_another_process() -> None:
+    code = (
+        "from fedmoe_pl.data import *;"
+        "dm = FederatedDataModule(Synthetic(), Dirichlet(0.5, 5), 7); dm.setup(3); print(dm.fingerprint)"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    dm = FederatedDataModule(Synthetic(), Dirichlet(0.5, 5), 7)
+    dm.setup(3)
+    assert other.stdout.strip() == dm.fingerprint
+
+
+@pytest.mark.parametrize("partitioner", [Dirichlet(0.1, 3), IID(), Pathological(2, balanced=False)])
+def test_indices_are_disjoint_and_cover_everything(partitioner) -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 1000)
+    rng = np.random.default_rng(1)
+    counts = partitioner.counts(np.bincount(labels, minlength=10), 10, rng)
+    parts = assign(labels, counts, rng)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)) == 1000  # N*k = C*2: every class is held
+    for part, row in zip(parts, counts):
+        assert np.array_equal(np.bincount(labels[part], minlength=10), row)
+
+
+def test_pathological_clients_hold_exactly_their_classes_in_train_and_test() -> None:
+    dm = make(Pathological(2), num_clients=10)
+    train, test = labels_of(dm), labels_of(dm, "test")
+    assert train == test
+    assert all(len(s) == 2 for s in train)
+    assert train[0] == {0, 1} and train[1] == {2, 3} and train[5] == {0, 1}  # the documented rule
+    # Balanced: a class's 60 samples go 30/30 to its two holders.
+    assert {n for row in dm.label_counts() for n in row["train"].values()} == {30}
+
+
+def test_balanced_leftovers_do_not_pile_on_one_client() -> None:
+    counts = Pathological(1).counts(np.array([13]), 1, np.random.default_rng(0))
+    assert counts.tolist() == [[13]]
+    counts = IID().counts(np.array([13, 13, 13, 13]), 4, np.random.default_rng(0))
+    assert counts.sum(0).tolist() == [13] * 4
+    assert (counts.max(0) - counts.min(0) <= 1).all()  # each class split as evenly as possible
+    assert counts.sum(1).max() < 13 + 4  # the four classes' leftovers did not all land on one client
+
+
+def test_dirichlet_guarantees_the_minimum_without_redrawing() -> None:
+    class_counts = np.full(10, 100)
+    for seed in range(20):
+        counts = Dirichlet(alpha=0.05, min_samples=40).counts(class_counts, 20, np.random.default_rng(seed))
+        assert counts.sum(1).min() >= 40
+        assert counts.sum(0).tolist() == class_counts.tolist()
+        assert (counts >= 0).all()
+
+
+def test_dirichlet_paper_split_gives_test_sets_the_train_class_mix() -> None:
+    dm = make(Dirichlet(0.3, 5), num_clients=5, train_per_class=200, test_per_class=100)
+    for row in dm.label_counts():
+        assert set(row["test"]) <= set(row["train"])
+
+
+def test_pooled_split_uses_the_train_fraction_of_each_share() -> None:
+    dm = FederatedDataModule(Synthetic(), IID(), 4, split="pooled", train_fraction=0.75)
+    dm.setup(0)
+    total = sum(c.num_train + c.num_test for c in dm.clients)
+    assert total == 10 * (60 + 20)
+    for c in dm.clients:
+        assert c.num_train == round(0.75 * (c.num_train + c.num_test))
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: make(Pathological(11)), r"classes_per_client=11 but the data has 10 classes"),
+        (lambda: make(Dirichlet(alpha=0.0)), r"alpha must be > 0, got 0.0"),
+        (lambda: make(IID(), num_clients=700), r"num_clients=700 exceeds the 600 available samples"),
+        (lambda: make(Dirichlet(1.0, min_samples=100)), r"min_samples=100 for 10 clients"),
+        (lambda: FederatedDataModule(Synthetic(), IID(), split="mixed"), r"split='mixed'"),
+    ],
+)
+def test_bad_settings_fail_with_the_value(build, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
