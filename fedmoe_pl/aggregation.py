@@ -49,9 +49,7 @@ def weighted_mean(payloads: Sequence[Payload], weights: Sequence[float]) -> Payl
     return out
 
 
-def classwise_mean(
-    sums: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def classwise_mean(sums: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine per-class statistics of many clients.
 
     Args:

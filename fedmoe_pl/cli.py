@@ -22,10 +22,25 @@ from fedmoe_pl.tracking import WandbConfig
 
 # Trainer arguments the federation sets itself: one device, one local fit, nothing logged.
 TRAINER_OWNED = {
-    "logger", "callbacks", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
-    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "devices", "num_nodes",
-    "strategy", "num_sanity_val_steps", "limit_val_batches", "check_val_every_n_epoch",
-    "val_check_interval", "default_root_dir", "plugins",
+    "logger",
+    "callbacks",
+    "enable_checkpointing",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "max_time",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "num_sanity_val_steps",
+    "limit_val_batches",
+    "check_val_every_n_epoch",
+    "val_check_interval",
+    "default_root_dir",
+    "plugins",
 }
 
 DEFAULTS = {
@@ -56,7 +71,9 @@ def build_parser() -> ArgumentParser:
     fit_parser.add_argument("--resume", type=str | None, default=None, help="run directory or checkpoint to continue")
     commands.add_subcommand("fit", fit_parser, help="train a federation")
     part_parser = _experiment_parser("Build the data partition of a config and report it, training nothing")
-    part_parser.add_argument("--output", type=str, default="partition", help="folder for partition.json and the heat map")
+    part_parser.add_argument(
+        "--output", type=str, default="partition", help="folder for partition.json and the heat map"
+    )
     commands.add_subcommand("partition", part_parser, help="inspect the partition a config produces")
     return parser
 
@@ -90,11 +107,16 @@ def _non_defaults(trainer: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in trainer.items() if defaults.get(k, object()) != v}
 
 
+def subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser:
+    """The parser of one subcommand (jsonargparse keeps them in its subcommands action)."""
+    return parser._subcommands_action._name_parser_map[name]  # type: ignore[union-attr]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     command = cfg.subcommand
-    sub_parser = parser._subcommands_action._name_parser_map[command]  # type: ignore[attr-defined]
+    sub_parser = subcommand_parser(parser, command)
     sub_cfg = cfg[command]
     try:
         exp = _experiment(sub_parser, sub_cfg)

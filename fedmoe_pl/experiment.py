@@ -17,8 +17,16 @@ from fedmoe_pl.tracking import WandbConfig, WandbTracker
 log = logging.getLogger(__name__)
 
 # Config keys that may change between a run and its resumption without changing its results.
-RESUMABLE_KEYS = ("federation.rounds", "federation.run_dir", "federation.eval_every", "federation.eval_clients",
-                  "wandb", "trainer", "resume", "config")
+RESUMABLE_KEYS = (
+    "federation.rounds",
+    "federation.run_dir",
+    "federation.eval_every",
+    "federation.eval_clients",
+    "wandb",
+    "trainer",
+    "resume",
+    "config",
+)
 
 
 @dataclass
@@ -48,9 +56,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def result_config(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened config minus the keys a resumption may change."""
     flat = _flatten(config)
-    return {
-        k: v for k, v in flat.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
-    }
+    return {k: v for k, v in flat.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -84,7 +90,8 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
         diff = config_differences(checkpoint["meta"]["result_config"], wanted)
         if diff:
             raise ValueError(
-                "refusing to resume: the config changes results. Differences:\n  " + "\n  ".join(diff)
+                "refusing to resume: the config changes results. Differences:\n  "
+                + "\n  ".join(diff)
                 + "\nStart a new run (another --federation.run_dir) to change these."
             )
     L.seed_everything(exp.seed, verbose=False)
@@ -108,8 +115,10 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
     fed.tracker = tracker
     fed.meta = {"result_config": wanted, "fingerprint": exp.data.fingerprint, "wandb_id": tracker.run_id}
     if checkpoint is None:
-        rows = [[c["id"], *(c["train"].get(str(k), 0) for k in range(partition["num_classes"]))]
-                for c in partition["clients"]]
+        rows = [
+            [c["id"], *(c["train"].get(str(k), 0) for k in range(partition["num_classes"]))]
+            for c in partition["clients"]
+        ]
         tracker.table("partition", ["client", *map(str, range(partition["num_classes"]))], rows, step=0)
     try:
         fed.run()

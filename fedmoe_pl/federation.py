@@ -98,7 +98,9 @@ class Federation:
         self.run_dir = RunDirectory(cfg.run_dir)
         self.clients: list[FederatedClient] = [
             algorithm.build_client(
-                ClientContext(k, client_cfg.model_for(k), data.in_channels, data.image_size, data.num_classes, client_cfg)
+                ClientContext(
+                    k, client_cfg.model_for(k), data.in_channels, data.image_size, data.num_classes, client_cfg
+                )
             )
             for k in range(data.num_clients)
         ]

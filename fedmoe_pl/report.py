@@ -29,7 +29,9 @@ def format_table(report: dict[str, Any]) -> str:
     for i in range(len(train)):
         cells = " ".join(f"{n:>5}" for n in train[i])
         lines.append(f"{i:>6} | {cells} | {train[i].sum():>5} {test[i].sum():>5}")
-    lines.append(f"{'total':>6} | " + " ".join(f"{n:>5}" for n in train.sum(0)) + f" | {train.sum():>5} {test.sum():>5}")
+    lines.append(
+        f"{'total':>6} | " + " ".join(f"{n:>5}" for n in train.sum(0)) + f" | {train.sum():>5} {test.sum():>5}"
+    )
     return "\n".join(lines)
 
 

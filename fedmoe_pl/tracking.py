@@ -41,7 +41,9 @@ class WandbTracker:
             return
         import wandb
 
-        settings = wandb.Settings(silent=True, init_timeout=90) if self.mode == "online" else wandb.Settings(silent=True)
+        settings = (
+            wandb.Settings(silent=True, init_timeout=90) if self.mode == "online" else wandb.Settings(silent=True)
+        )
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -64,7 +66,7 @@ class WandbTracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+    def table(self, key: str, columns: list[Any], rows: list[list[Any]], step: int) -> None:
         if self.run is not None:
             import wandb
 

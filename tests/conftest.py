@@ -4,10 +4,10 @@ import os
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["WANDB_SILENT"] = "true"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from fedmoe_pl.federation import quiet_lightning  # noqa: E402
+from fedmoe_pl.federation import quiet_lightning
 
 quiet_lightning()
 torch.set_num_threads(2)

@@ -17,7 +17,10 @@ def tiny_config(tmp_path: Path, **federation) -> Path:
     cfg = {
         "seed_everything": 7,
         "data": {
-            "source": {"class_path": "fedmoe_pl.data.Synthetic", "init_args": {"num_classes": 6, "train_per_class": 40}},
+            "source": {
+                "class_path": "fedmoe_pl.data.Synthetic",
+                "init_args": {"num_classes": 6, "train_per_class": 40},
+            },
             "partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
             "num_clients": 3,
             "batch_size": 16,
@@ -62,7 +65,9 @@ def test_every_method_overlay_instantiates_on_the_quickstart(overlay: Path) -> N
 
 def test_print_config_shows_the_resolved_values(capsys) -> None:
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--federation.rounds", "9", "--print_config"])
+        main(
+            ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--federation.rounds", "9", "--print_config"]
+        )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["federation"]["rounds"] == 9
     assert printed["algorithm"]["class_path"].endswith("PFedMoE")
@@ -82,8 +87,10 @@ def test_end_to_end_three_clients_two_rounds(tmp_path, capsys, monkeypatch) -> N
     out = run_fit(capsys, "--config", str(config), "--resume", str(run))
     state = torch.load(run / "last.ckpt", weights_only=False)
 
-    globals_ = [{k[len("moe.global_expert."):]: v for k, v in c.items() if k.startswith("moe.global_expert.")}
-                for c in state["clients"]]
+    globals_ = [
+        {k[len("moe.global_expert.") :]: v for k, v in c.items() if k.startswith("moe.global_expert.")}
+        for c in state["clients"]
+    ]
     for g in globals_:  # identical on every client after the broadcast, and equal to the server's
         assert g.keys() == state["global"].keys()
         assert all(torch.equal(g[k], state["global"][k]) for k in g)
@@ -146,14 +153,29 @@ def test_resume_with_a_result_changing_config_is_refused(tmp_path, capsys) -> No
         (["--federation.participation", "1.5"], "1.5"),
         (["--federation.participation", "0"], "participation"),
         (["--federation.rounds", "0"], "rounds"),
-        (["--data.source.init_args.root", "/nonexistent/fm", "--data.source.init_args.system_dir", "/nonexistent/sys"],
-         "/nonexistent/fm"),
+        (
+            [
+                "--data.source.init_args.root",
+                "/nonexistent/fm",
+                "--data.source.init_args.system_dir",
+                "/nonexistent/sys",
+            ],
+            "/nonexistent/fm",
+        ),
     ],
 )
 def test_bad_input_fails_before_training_naming_the_value(tmp_path, capsys, argv, match) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-              "--federation.run_dir", str(tmp_path / "run"), *argv])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "quickstart.yaml"),
+                "--federation.run_dir",
+                str(tmp_path / "run"),
+                *argv,
+            ]
+        )
     assert exit_.value.code != 0
     assert match in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -94,8 +94,9 @@ def test_mixture_mixes_the_two_representations_with_the_gate_weights() -> None:
 
 
 def synthetic_shard(batch_size: int = 32):
-    data = FederatedDataModule(Synthetic(num_classes=4, image_size=16, train_per_class=64), Pathological(4), 1,
-                               batch_size=batch_size)
+    data = FederatedDataModule(
+        Synthetic(num_classes=4, image_size=16, train_per_class=64), Pathological(4), 1, batch_size=batch_size
+    )
     data.setup(0)
     return data.clients[0]
 
@@ -150,8 +151,15 @@ def test_trainer_fit_lowers_the_loss_and_the_gate_learns_per_sample_weights() ->
     with torch.no_grad():
         start = torch.nn.functional.cross_entropy(client.eval()(x), y).item()
     client.train()
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(client, datamodule=shard)
     with torch.no_grad():
         end = torch.nn.functional.cross_entropy(client.eval()(x), y).item()

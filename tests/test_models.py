@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedmoe_pl.models import CNN, ZOO_SHAPES, build_model, check_model_spec
+from fedmoe_pl.models import ZOO_SHAPES, build_model, check_model_spec
 
 
 def count(module: nn.Module) -> int:

@@ -31,7 +31,11 @@ def write_cifar(root: Path, hundred: bool, per_file: int = 20) -> None:
         n = per_file * (5 if hundred and name == "train" else 1)
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}
         (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {"fine_label_names": [f"c{i}" for i in range(100)]} if hundred else {"label_names": [f"c{i}" for i in range(10)]}
+    meta = (
+        {"fine_label_names": [f"c{i}" for i in range(100)]}
+        if hundred
+        else {"label_names": [f"c{i}" for i in range(10)]}
+    )
     (folder / ("meta" if hundred else "batches.meta")).write_bytes(pickle.dumps(meta))
 
 

@@ -111,9 +111,7 @@ class FederatedClient(L.LightningModule):
     # -- Lightning hooks ------------------------------------------------------------------
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            self.param_groups(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
@@ -170,7 +168,7 @@ def state_payload(module: nn.Module) -> Payload:
 class Algorithm(ABC):
     """How one FL method builds clients and combines what they upload."""
 
-    def check(self, clients: ClientConfig) -> None:
+    def check(self, clients: ClientConfig) -> None:  # noqa: B027 (optional hook)
         """Refuse settings the method cannot run in, before any data is loaded."""
 
     @abstractmethod

@@ -13,7 +13,7 @@ import torch
 
 from fedmoe_pl.aggregation import Payload
 from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
-from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, build_model, check_model_spec
+from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, build_model, check_model_spec, parts
 
 
 class PFedMoEClient(FederatedClient):
@@ -91,12 +91,12 @@ class PFedMoE(Algorithm):
 
     def build_client(self, ctx: ClientContext) -> PFedMoEClient:
         dims = (ctx.in_channels, ctx.image_size, ctx.num_classes)
-        local = build_model(ctx.model, *dims)
-        global_model = build_model(self.global_expert, *dims)
+        local_expert, header = parts(build_model(ctx.model, *dims))
+        global_expert, _ = parts(build_model(self.global_expert, *dims))
         moe = LocalMoE(
-            global_expert=global_model.extractor,
-            local_expert=local.extractor,
-            header=local.head,
+            global_expert=global_expert,
+            local_expert=local_expert,
+            header=header,
             in_features=ctx.in_channels * ctx.image_size**2,
             gate_hidden=self.gate_hidden,
             gate_norm=self.gate_norm,

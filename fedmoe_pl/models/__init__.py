@@ -10,6 +10,7 @@ from fedmoe_pl.models.registry import (
     build_model,
     check_model_spec,
     model_name,
+    parts,
     register_model,
 )
 from fedmoe_pl.models.switch_norm import SwitchNorm1d
@@ -29,5 +30,6 @@ __all__ = [
     "build_model",
     "check_model_spec",
     "model_name",
+    "parts",
     "register_model",
 ]

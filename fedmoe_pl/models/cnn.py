@@ -74,9 +74,7 @@ class CNNExtractor(nn.Module):
 class CNN(nn.Module):
     """One member of the zoo, split into ``extractor`` and ``head`` (timm-style forward API)."""
 
-    def __init__(
-        self, shape: CNNShape, in_channels: int = 3, image_size: int = 32, num_classes: int = 10
-    ) -> None:
+    def __init__(self, shape: CNNShape, in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> None:
         super().__init__()
         self.extractor = CNNExtractor(shape, in_channels, image_size)
         self.head = nn.Linear(shape.width, num_classes)

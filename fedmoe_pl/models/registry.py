@@ -17,7 +17,7 @@ from torch import nn
 
 from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES
 
-ModelSpec = Union[str, dict[str, Any]]
+ModelSpec = Union[str, dict[str, Any]]  # noqa: UP007 (a runtime alias jsonargparse reads)
 ModelFactory = Callable[..., nn.Module]
 
 
@@ -90,6 +90,14 @@ def check_model_spec(spec: ModelSpec) -> None:
 
 def model_name(spec: ModelSpec) -> str:
     return spec if isinstance(spec, str) else str(spec["class_path"])
+
+
+def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A zoo model's (extractor, head)."""
+    extractor, head = getattr(model, "extractor", None), getattr(model, "head", None)
+    if not isinstance(extractor, nn.Module) or not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no `extractor` and `head` sub-modules")
+    return extractor, head
 
 
 def build_model(spec: ModelSpec, in_channels: int, image_size: int, num_classes: int) -> nn.Module:

@@ -15,6 +15,9 @@ from torch import nn
 class SwitchNorm1d(nn.Module):
     """Normalize (B, num_features) inputs with a learned mix of layer and batch statistics."""
 
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
         self.eps = eps
