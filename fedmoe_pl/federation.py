@@ -112,7 +112,7 @@ class Federation:
         self.held_version = [-1] * data.num_clients  # which global each client holds; -1: none yet
         self.round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
-        self.shared_numel = [payload_numel(c.upload()) for c in self.clients]
+        self.shared_numel = [0] * data.num_clients  # elements of each client's last upload
         self.meta: dict[str, Any] = {}  # stored with every checkpoint by the caller
         quiet_lightning()
 
@@ -130,6 +130,7 @@ class Federation:
             for k in sampled:
                 losses.append(self._local_fit(k, rnd))
                 uploads.append(self.clients[k].upload())
+                self.shared_numel[k] = payload_numel(uploads[-1])
                 weights.append(self.data.clients[k].num_train)
             bytes_up = sum(payload_bytes(u) for u in uploads)
             self.global_payload = self.algorithm.aggregate(uploads, weights, self.global_payload)
@@ -232,6 +233,7 @@ class Federation:
             "schedule": self.schedule,
             "meta": self.meta,
             "totals": dict(self.totals),
+            "shared_numel": list(self.shared_numel),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
@@ -249,6 +251,7 @@ class Federation:
         for client, client_state in zip(self.clients, state["clients"]):
             client.load_state_dict(client_state)
         self.totals = dict(state["totals"])
+        self.shared_numel = list(state["shared_numel"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])

@@ -80,6 +80,7 @@ class FederatedClient(L.LightningModule):
 
     def __init__(self, num_classes: int, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")

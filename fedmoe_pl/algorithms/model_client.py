@@ -1,0 +1,102 @@
+"""Building blocks of the baselines: a client around one zoo model, and per-class statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmoe_pl.algorithms.base import ClientContext, FederatedClient
+from fedmoe_pl.models import build_model
+
+
+class ClassStats:
+    """Running per-class sums of vectors (representations or logits) and their counts."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.sums: torch.Tensor | None = None
+        self.counts = torch.zeros(num_classes, dtype=torch.int64)
+
+    def reset(self) -> None:
+        self.sums = None
+        self.counts = torch.zeros(self.num_classes, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        values = values.detach()  # (B, D)
+        if self.sums is None:
+            self.sums = torch.zeros(self.num_classes, values.shape[1], device=values.device)
+            self.counts = self.counts.to(values.device)
+        self.sums.index_add_(0, labels, values.float())
+        self.counts += torch.bincount(labels, minlength=self.num_classes)
+
+    def payload(self) -> dict[str, torch.Tensor]:
+        """Per-class means (zero where a class was not seen) and counts, on the CPU."""
+        if self.sums is None:
+            raise RuntimeError("no statistics collected: upload() must follow a local fit")
+        means = self.sums / self.counts.clamp(min=1)[:, None].float()  # (K, D)
+        return {"means": means.cpu(), "counts": self.counts.cpu()}
+
+
+class ModelClient(FederatedClient):
+    """A client whose whole system is one zoo model trained with cross-entropy.
+
+    Args:
+        model: the client's zoo model (``extractor`` + ``head``).
+        num_classes: number of classes.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+    """
+
+    model: Any  # a zoo model: an nn.Module with the ZooModel attributes
+
+    def __init__(
+        self, model: nn.Module, num_classes: int, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay)
+        self.model = model
+
+    @classmethod
+    def from_context(cls, ctx: ClientContext, **kwargs: object) -> ModelClient:
+        model = build_model(ctx.model, ctx.in_channels, ctx.image_size, ctx.num_classes)
+        cfg = ctx.config
+        return cls(model, ctx.num_classes, cfg.lr, cfg.momentum, cfg.weight_decay, **kwargs)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # type: ignore[no-any-return]
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)  # (B, D)
+        return features, self.model.forward_head(features)  # (B, K)
+
+
+class StatsClient(ModelClient):
+    """A ModelClient that gathers per-class statistics of its last local epoch while training.
+
+    Gathering them in the training loop, as FedProto's reference code does, costs no second pass
+    over the data. Subclasses choose what to gather (``stat``) and add their regulariser.
+    """
+
+    stat = "features"  # or "logits"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.stats = ClassStats(self.num_classes)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.stats.reset()
+
+    def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return features.new_zeros(())
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        features, logits = self.features_and_logits(x)
+        self.stats.add(features if self.stat == "features" else logits, y)
+        return F.cross_entropy(logits, y) + self.regulariser(features, logits, y)
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        return self.stats.payload()

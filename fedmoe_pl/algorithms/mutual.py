@@ -1,0 +1,266 @@
+"""Mutual-learning baselines: a private model and a small shared model trained side by side.
+
+FML, FedKD and FedAPEN all give each client its own (heterogeneous) model plus a copy of a small
+homogeneous model; only the small model crosses the client boundary and is averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmoe_pl.aggregation import Payload, weighted_mean
+from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
+
+
+def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on softened distributions; the teacher side carries no gradient."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits.detach() / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+class MutualClient(FederatedClient):
+    """Private model + shared model; subclasses define the joint loss and the prediction."""
+
+    private: Any  # zoo models (nn.Module with the ZooModel attributes)
+    shared: Any
+
+    def __init__(
+        self,
+        private: nn.Module,
+        shared: nn.Module,
+        num_classes: int,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay)
+        self.private, self.shared = private, shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.private(x)  # type: ignore[no-any-return]
+
+    def upload(self) -> Payload:
+        return state_payload(self.shared)
+
+    def download(self, payload: Payload) -> None:
+        self.shared.load_state_dict(payload)
+
+
+class MutualAlgorithm(Algorithm):
+    """Builds (private, shared) pairs; averages the shared models by sample count."""
+
+    client_class: type[MutualClient] = MutualClient
+
+    def __init__(self, shared_model: ModelSpec = "cnn5") -> None:
+        check_model_spec(shared_model)
+        self.shared_model = shared_model
+
+    def client_kwargs(self) -> dict[str, object]:
+        return {}
+
+    def build_client(self, ctx: ClientContext) -> MutualClient:
+        dims = (ctx.in_channels, ctx.image_size, ctx.num_classes)
+        cfg = ctx.config
+        return self.client_class(
+            build_model(ctx.model, *dims),
+            build_model(self.shared_model, *dims),
+            ctx.num_classes,
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            **self.client_kwargs(),  # type: ignore[arg-type]
+        )
+
+    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
+        return weighted_mean(uploads, weights)
+
+
+# -- FML ----------------------------------------------------------------------------------------
+
+
+class FMLClient(MutualClient):
+    def __init__(self, *args: object, alpha: float = 0.5, beta: float = 0.5, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.alpha, self.beta = alpha, beta
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        local, meme = self.private(x), self.shared(x)
+        local_loss = self.alpha * F.cross_entropy(local, y) + (1 - self.alpha) * kl(local, meme)
+        meme_loss = self.beta * F.cross_entropy(meme, y) + (1 - self.beta) * kl(meme, local)
+        return local_loss + meme_loss
+
+
+class FML(MutualAlgorithm):
+    """FML, federated mutual learning (Shen et al., 2020, arXiv 2006.16765).
+
+    Up: the client's copy of the shared "meme" model. Down: its sample-weighted average. Each
+    client trains its private model with ``alpha * CE + (1 - alpha) * KL(meme || private)`` and the
+    meme with ``beta * CE + (1 - beta) * KL(private || meme)``; the paper's defaults are 0.5.
+    Inference uses the private model.
+
+    Args:
+        shared_model: zoo model used as the shared meme model.
+        alpha: CE weight of the private model's loss.
+        beta: CE weight of the meme model's loss.
+    """
+
+    client_class = FMLClient
+
+    def __init__(self, shared_model: ModelSpec = "cnn5", alpha: float = 0.5, beta: float = 0.5) -> None:
+        super().__init__(shared_model)
+        self.alpha, self.beta = alpha, beta
+
+    def client_kwargs(self) -> dict[str, object]:
+        return {"alpha": self.alpha, "beta": self.beta}
+
+
+# -- FedAPEN ------------------------------------------------------------------------------------
+
+
+class FedAPENClient(MutualClient):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ensemble_logit = nn.Parameter(torch.zeros(()))  # sigmoid -> weight of the shared model
+
+    @property
+    def ensemble_weight(self) -> torch.Tensor:
+        return torch.sigmoid(self.ensemble_logit)
+
+    def _mix(self, p_private: torch.Tensor, p_shared: torch.Tensor) -> torch.Tensor:
+        w = self.ensemble_weight
+        return w * p_shared + (1 - w) * p_private  # (B, K) probabilities
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        private, shared = self.private(x), self.shared(x)
+        mutual = F.cross_entropy(private, y) + kl(private, shared) + F.cross_entropy(shared, y) + kl(shared, private)
+        # The ensemble weight learns from detached predictions, so it cannot bend either model.
+        mixed = self._mix(private.detach().softmax(1), shared.detach().softmax(1))
+        return mutual + F.nll_loss(mixed.clamp_min(1e-8).log(), y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mix(self.private(x).softmax(1), self.shared(x).softmax(1)).clamp_min(1e-8).log()
+
+    def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self(x), {"ensemble_weight": self.ensemble_weight.expand(len(x))}
+
+
+class FedAPEN(MutualAlgorithm):
+    """FedAPEN (Qin et al., KDD 2023): mutual learning with an adaptive per-client ensemble.
+
+    Up: the shared model. Down: its sample-weighted average. Each client trains private and shared
+    model with CE plus mutual KL, and a learned weight w mixes their predictions,
+    ``p = w * p_shared + (1 - w) * p_private``, which is also how it predicts. The paper fits w on a
+    held-out slice after local training; here w is fitted in the same steps on detached predictions,
+    which keeps it from influencing either model and needs no data held out.
+
+    Args:
+        shared_model: zoo model used as the shared model.
+    """
+
+    client_class = FedAPENClient
+
+
+# -- FedKD --------------------------------------------------------------------------------------
+
+
+def svd_compress(payload: Payload, energy: float) -> Payload:
+    """Factor every matrix-like tensor as U S V^T, keeping the smallest rank holding ``energy`` of
+    the squared singular values; tensors that would not shrink are sent as they are."""
+    out: Payload = {}
+    for key, t in payload.items():
+        if t.dim() < 2 or not t.is_floating_point():
+            out[key] = t
+            continue
+        m = t.reshape(t.shape[0], -1)  # (out, in*...)
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        share = (s**2).cumsum(0) / (s**2).sum().clamp_min(1e-30)
+        rank = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
+        rank = min(rank, len(s))
+        if rank * (m.shape[0] + m.shape[1] + 1) >= m.numel():
+            out[key] = t
+            continue
+        out[f"{key}::U"] = u[:, :rank].to(t.dtype).contiguous()
+        out[f"{key}::S"] = s[:rank].to(t.dtype)
+        out[f"{key}::V"] = vh[:rank].to(t.dtype).contiguous()
+        out[f"{key}::shape"] = torch.tensor(t.shape)
+    return out
+
+
+def svd_restore(payload: Payload) -> Payload:
+    out: Payload = {}
+    for key, t in payload.items():
+        if "::" not in key:
+            out[key] = t
+        elif key.endswith("::U"):
+            base = key[: -len("::U")]
+            u, s, v = t, payload[f"{base}::S"], payload[f"{base}::V"]
+            out[base] = ((u * s) @ v).reshape(torch.Size(payload[f"{base}::shape"].tolist()))
+    return out
+
+
+class FedKDClient(MutualClient):
+    def __init__(self, *args: object, energy: float | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.energy = energy
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t_feat = self.private.forward_features(x)  # (B, W) teacher = private model
+        s_feat = self.shared.forward_features(x)  # (B, W) student = shared model
+        t_logits, s_logits = self.private.forward_head(t_feat), self.shared.forward_head(s_feat)
+        t_task, s_task = F.cross_entropy(t_logits, y), F.cross_entropy(s_logits, y)
+        # Adaptive: distillation counts more when both models already solve the task well.
+        scale = 1.0 / (t_task + s_task).detach().clamp_min(1e-6)
+        hidden = F.mse_loss(s_feat, t_feat.detach()) + F.mse_loss(t_feat, s_feat.detach())
+        distill = kl(s_logits, t_logits) + kl(t_logits, s_logits)
+        return t_task + s_task + scale * (distill + hidden)
+
+    def upload(self) -> Payload:
+        state = state_payload(self.shared)
+        return state if self.energy is None else svd_compress(state, self.energy)
+
+    def download(self, payload: Payload) -> None:
+        self.shared.load_state_dict(svd_restore(payload))
+
+
+class FedKD(MutualAlgorithm):
+    """FedKD (Wu et al., Nature Communications 2022, arXiv 2108.13323).
+
+    Up: the shared student model, optionally SVD-compressed (``svd_energy``: keep the smallest rank
+    holding that share of each matrix's squared singular values; the paper anneals it from 0.95 to
+    0.98). Down: the sample-weighted average, compressed the same way. The private model is the
+    teacher. Both models minimise CE plus mutual KL and mutual hidden-state MSE; the two
+    distillation terms are divided by the sum of the two task losses (the paper's adaptive weight).
+
+    Args:
+        shared_model: zoo model used as the shared student.
+        svd_energy: compress uploads and downloads; ``None`` sends full tensors.
+    """
+
+    client_class = FedKDClient
+
+    def __init__(self, shared_model: ModelSpec = "cnn5", svd_energy: float | None = None) -> None:
+        super().__init__(shared_model)
+        if svd_energy is not None and not 0 < svd_energy <= 1:
+            raise ValueError(f"FedKD svd_energy={svd_energy} must lie in (0, 1], or be null to disable compression")
+        self.svd_energy = svd_energy
+
+    def client_kwargs(self) -> dict[str, object]:
+        return {"energy": self.svd_energy}
+
+    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
+        merged = weighted_mean([svd_restore(u) for u in uploads], weights)
+        return merged if self.svd_energy is None else svd_compress(merged, self.svd_energy)
+
+    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
+        return clients[0].upload()

@@ -1,0 +1,186 @@
+"""Baselines that share per-class statistics instead of weights: FedGH, FD and FedProto."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmoe_pl.aggregation import Payload, classwise_mean
+from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.model_client import StatsClient
+
+
+def no_class_stats(clients: Sequence[FederatedClient], width: int) -> Payload:
+    """The server's state before any upload: nothing known about any class."""
+    k = clients[0].num_classes
+    return {"means": torch.zeros(k, width), "counts": torch.zeros(k, dtype=torch.int64)}
+
+
+def combine_class_stats(uploads: Sequence[Payload]) -> Payload:
+    """Sample-weighted per-class means of many clients' ``{"means", "counts"}`` uploads."""
+    means, counts = classwise_mean([u["means"] for u in uploads], [u["counts"] for u in uploads])
+    return {"means": means, "counts": counts.to(torch.int64)}
+
+
+# -- FedGH --------------------------------------------------------------------------------------
+
+
+class FedGHClient(StatsClient):
+    def download(self, payload: Payload) -> None:
+        self.model.head.load_state_dict(payload)
+
+
+class FedGH(Algorithm):
+    """FedGH (Yi et al., ACM MM 2023, arXiv 2305.13137): a generalized global header.
+
+    Up: per-class mean representations of the client's last local epoch (classes x width) and
+    their counts. The server trains a global header (width -> classes) on the uploaded
+    representations with cross-entropy, continuing from last round's header. Down: that header,
+    which replaces the client's own.
+
+    Args:
+        server_lr: SGD learning rate of the global header (FedGH's code: 0.01).
+        server_epochs: passes over the round's uploaded representations.
+        seed: seed of the order in which the server visits the representations.
+    """
+
+    def __init__(self, server_lr: float = 0.01, server_epochs: int = 1, seed: int = 0) -> None:
+        self.server_lr, self.server_epochs, self.seed = server_lr, server_epochs, seed
+        self._round = 0
+
+    def build_client(self, ctx: ClientContext) -> FedGHClient:
+        return FedGHClient.from_context(ctx)  # type: ignore[return-value]
+
+    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
+        return state_payload(cast(FedGHClient, clients[0]).model.head)
+
+    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
+        weight, bias = previous["weight"].clone().requires_grad_(), previous["bias"].clone().requires_grad_()
+        optimizer = torch.optim.SGD([weight, bias], lr=self.server_lr)
+        reps = torch.cat([u["means"][u["counts"] > 0] for u in uploads])  # (R, width)
+        labels = torch.cat([torch.nonzero(u["counts"] > 0).flatten() for u in uploads])  # (R,)
+        # The order depends on the uploads themselves, so a resumed run repeats it exactly.
+        rng = np.random.default_rng([self.seed, int(labels.sum()), len(labels)])
+        for _ in range(self.server_epochs):
+            for i in rng.permutation(len(labels)):  # one representation per step, as in FedGH
+                loss = F.cross_entropy(reps[i : i + 1] @ weight.T + bias, labels[i : i + 1])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return {"weight": weight.detach(), "bias": bias.detach()}
+
+
+# -- FD -----------------------------------------------------------------------------------------
+
+
+class FDClient(StatsClient):
+    stat = "logits"
+    global_logits: torch.Tensor
+    global_known: torch.Tensor
+
+    def __init__(self, *args: object, distill_weight: float = 1.0, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.distill_weight = distill_weight
+        self.register_buffer("global_logits", torch.zeros(self.num_classes, self.num_classes))
+        self.register_buffer("global_known", torch.zeros(self.num_classes, dtype=torch.bool))
+
+    def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        known = self.global_known[y]  # (B,) classes the server has logits for
+        if not known.any():
+            return logits.new_zeros(())
+        target = self.global_logits[y[known]]  # (b, K)
+        return self.distill_weight * F.mse_loss(logits[known], target)
+
+    def download(self, payload: Payload) -> None:
+        self.global_logits.copy_(payload["means"])
+        self.global_known.copy_(payload["counts"] > 0)
+
+
+class FD(Algorithm):
+    """FD, federated distillation (Jeong et al., 2018, arXiv 1811.11479).
+
+    Up: per-class mean logits of the last local epoch (classes x classes) and their counts. Down:
+    their sample-weighted per-class average. Clients add ``distill_weight`` times the mean squared
+    error between their logits and the global logits of each sample's class (PFLlib's FD form,
+    weight 1).
+
+    Args:
+        distill_weight: weight of the distillation term.
+    """
+
+    def __init__(self, distill_weight: float = 1.0) -> None:
+        self.distill_weight = distill_weight
+
+    def build_client(self, ctx: ClientContext) -> FDClient:
+        return FDClient.from_context(ctx, distill_weight=self.distill_weight)  # type: ignore[return-value]
+
+    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
+        return no_class_stats(clients, clients[0].num_classes)
+
+    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
+        return combine_class_stats(uploads)
+
+
+# -- FedProto -----------------------------------------------------------------------------------
+
+
+class FedProtoClient(StatsClient):
+    prototypes: torch.Tensor
+    known: torch.Tensor
+
+    def __init__(self, *args: object, proto_weight: float = 1.0, inference: str = "header", **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.proto_weight, self.inference = proto_weight, inference
+        self.register_buffer("prototypes", torch.zeros(self.num_classes, self.model.feature_dim))
+        self.register_buffer("known", torch.zeros(self.num_classes, dtype=torch.bool))
+
+    def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        known = self.known[y]
+        if not known.any():
+            return features.new_zeros(())
+        return self.proto_weight * F.mse_loss(features[known], self.prototypes[y[known]])
+
+    def download(self, payload: Payload) -> None:
+        self.prototypes.copy_(payload["means"])
+        self.known.copy_(payload["counts"] > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, logits = self.features_and_logits(x)
+        if self.inference == "header" or not self.known.any():
+            return logits
+        distance = torch.cdist(features, self.prototypes)  # (B, K)
+        return -distance.masked_fill(~self.known, float("inf"))  # nearest prototype wins
+
+
+class FedProto(Algorithm):
+    """FedProto (Tan et al., AAAI 2022, arXiv 2105.00243).
+
+    Up: per-class prototypes (mean representations of the last local epoch) and their counts.
+    Down: the sample-weighted global prototypes. Clients add ``proto_weight`` (the paper's lambda,
+    default 1) times the mean squared distance between each representation and its class's
+    global prototype.
+
+    Args:
+        proto_weight: weight of the prototype regulariser.
+        inference: classify with the client's header, or by the nearest global prototype.
+    """
+
+    def __init__(self, proto_weight: float = 1.0, inference: Literal["header", "prototype"] = "header") -> None:
+        if inference not in ("header", "prototype"):
+            raise ValueError(f"FedProto inference={inference!r}; use 'header' or 'prototype'")
+        self.proto_weight, self.inference = proto_weight, inference
+
+    def build_client(self, ctx: ClientContext) -> FedProtoClient:
+        return FedProtoClient.from_context(  # type: ignore[return-value]
+            ctx, proto_weight=self.proto_weight, inference=self.inference
+        )
+
+    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
+        return no_class_stats(clients, cast(FedProtoClient, clients[0]).model.feature_dim)
+
+    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
+        return combine_class_stats(uploads)

@@ -1,0 +1,59 @@
+"""The parameter-averaging baselines: Standalone, FedAvg and LG-FedAvg."""
+
+from __future__ import annotations
+
+from fedmoe_pl.aggregation import Payload
+from fedmoe_pl.algorithms.base import Algorithm, ClientConfig, ClientContext, state_payload
+from fedmoe_pl.algorithms.model_client import ModelClient
+
+
+class Standalone(Algorithm):
+    """Every client trains its own model alone. Nothing crosses the client boundary: zero bytes."""
+
+    def build_client(self, ctx: ClientContext) -> ModelClient:
+        return ModelClient.from_context(ctx)
+
+
+class WholeModelClient(ModelClient):
+    def upload(self) -> Payload:
+        return state_payload(self.model)
+
+    def download(self, payload: Payload) -> None:
+        self.model.load_state_dict(payload)
+
+
+class FedAvg(Algorithm):
+    """FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629).
+
+    Up: the whole model's state dict. Down: its sample-count-weighted average. Needs every client
+    on the same architecture, so it runs only in the model-homogeneous setting.
+    """
+
+    def check(self, clients: ClientConfig) -> None:
+        if not clients.homogeneous:
+            raise ValueError(
+                f"FedAvg averages whole models, so every client needs the same one, but client.zoo is "
+                f"{clients.zoo}; set client.zoo to a single model, e.g. [cnn1] (configs/methods/fedavg.yaml)"
+            )
+
+    def build_client(self, ctx: ClientContext) -> WholeModelClient:
+        return WholeModelClient.from_context(ctx)  # type: ignore[return-value]
+
+
+class HeaderClient(ModelClient):
+    def upload(self) -> Payload:
+        return state_payload(self.model.head)
+
+    def download(self, payload: Payload) -> None:
+        self.model.head.load_state_dict(payload)
+
+
+class LGFedAvg(Algorithm):
+    """LG-FedAvg (Liang et al., 2020, arXiv 2001.01523), in the header-sharing form of pFedMoE's comparison.
+
+    Up: the client's header (representation -> logits; the same shape on every zoo model). Down:
+    the sample-weighted average header, which replaces the client's. Extractors stay private.
+    """
+
+    def build_client(self, ctx: ClientContext) -> HeaderClient:
+        return HeaderClient.from_context(ctx)  # type: ignore[return-value]
