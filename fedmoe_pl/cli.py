@@ -79,7 +79,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     plain = cfg.clone()
     for key in ("config", "__path__"):
         if key in plain:
@@ -95,7 +95,7 @@ def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
         wandb=init.wandb,
         trainer=_non_defaults(trainer),
         config=as_dict,
-        config_yaml=parser.dump(plain, skip_none=False),
+        config_yaml=parser.dump(plain, skip_unset=False),
     )
 
 

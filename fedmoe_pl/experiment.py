@@ -119,7 +119,7 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
             [c["id"], *(c["train"].get(str(k), 0) for k in range(partition["num_classes"]))]
             for c in partition["clients"]
         ]
-        tracker.table("partition", ["client", *map(str, range(partition["num_classes"]))], rows, step=0)
+        tracker.log({}, step=0, tables={"partition": (["client", *map(str, range(partition["num_classes"]))], rows)})
     try:
         fed.run()
     finally:

@@ -216,10 +216,16 @@ class Federation:
         if self.tracker is None:
             return
         flat = {k: v for k, v in record.items() if not isinstance(v, dict) and k != "round"}
-        for key, per_client in record.items():
-            if isinstance(per_client, dict):
-                flat.update({f"{key}/{k}": v for k, v in per_client.items()})
-        self.tracker.log(flat, step=record["round"])
+        per_client = {k: v for k, v in record.items() if isinstance(v, dict)}
+        for key, values in per_client.items():
+            flat.update({f"{key}/{k}": v for k, v in values.items()})
+        tables = {}
+        if per_client:
+            columns = ["client", "model", *per_client]
+            ids = sorted(per_client["client_acc"], key=int)
+            rows = [[int(k), self.model_names[int(k)], *(per_client[c].get(k) for c in per_client)] for k in ids]
+            tables["clients"] = (columns, rows)
+        self.tracker.log(flat, step=record["round"], tables=tables)
 
     # -- state --------------------------------------------------------------------------------
 

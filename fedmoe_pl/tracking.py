@@ -62,15 +62,18 @@ class WandbTracker:
     def run_id(self) -> str | None:
         return None if self.run is None else str(self.run.id)
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
-
-    def table(self, key: str, columns: list[Any], rows: list[list[Any]], step: int) -> None:
-        if self.run is not None:
+    def log(
+        self, metrics: dict[str, Any], step: int, tables: dict[str, tuple[list[Any], list[list[Any]]]] | None = None
+    ) -> None:
+        """Log scalars and (columns, rows) tables in one W&B step."""
+        if self.run is None:
+            return
+        payload = dict(metrics)
+        if tables:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            payload.update({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()})
+        self.run.log(payload, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

@@ -51,7 +51,7 @@ def test_help_answers(capsys) -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_instantiates(path: Path) -> None:
     parser, cfg = parse("--config", str(path))
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     assert init.fit.federation.rounds > 0
     assert init.fit.data.num_clients >= 1
 
@@ -59,7 +59,7 @@ def test_every_shipped_config_instantiates(path: Path) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
 def test_every_method_overlay_instantiates_on_the_quickstart(overlay: Path) -> None:
     parser, cfg = parse("--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay))
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     init.fit.algorithm.check(init.fit.client)
 
 

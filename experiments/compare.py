@@ -1,0 +1,97 @@
+"""Run several methods on one config and seed; write a markdown table and an accuracy plot.
+
+    python experiments/compare.py --config configs/quickstart.yaml --output results/quickstart
+    python experiments/compare.py --config configs/fmnist_n50.yaml --methods pfedmoe standalone \
+        --output results/fmnist_n50 -- --federation.rounds 10
+
+Each method runs as ``fedmoe-pl fit --config CONFIG --config configs/methods/<method>.yaml`` in its
+own process, into ``OUTPUT/<method>``; arguments after ``--`` go to every run. A method whose run
+directory already holds a finished summary for the same number of rounds is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+METHODS = ["pfedmoe", "standalone", "fedavg", "lg_fedavg", "fedgh", "fd", "fedproto", "fml", "fedkd", "fedapen"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_method(method: str, config: str, output: Path, seed: int, extra: list[str]) -> dict:
+    run_dir = output / method
+    overlay = ROOT / "configs" / "methods" / f"{method}.yaml"
+    if not overlay.exists():
+        raise SystemExit(f"no overlay for method {method!r}: expected {overlay}; choose from {METHODS}")
+    argv = [sys.executable, "-m", "fedmoe_pl.cli", "fit", "--config", config, "--config", str(overlay),
+            "--seed_everything", str(seed), "--federation.run_dir", str(run_dir), *extra]
+    summary = run_dir / "summary.json"
+    if summary.exists() and (run_dir / "last.ckpt").exists():
+        argv += ["--resume", str(run_dir)]  # finishes an interrupted run; a finished one returns at once
+    print(f"== {method}: {' '.join(argv[3:])}", flush=True)
+    subprocess.run(argv, check=True)
+    return json.loads(summary.read_text())
+
+
+def curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["round"] for r in rows], [r["mean_acc"] for r in rows]
+
+
+def write_table(summaries: dict[str, dict], path: Path) -> str:
+    lines = [
+        "| method | final mean acc | best mean acc | best round | bytes up / round | wall s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, s in summaries.items():
+        per_round = s["total_bytes_up"] / max(s["rounds"], 1)
+        lines.append(
+            f"| {method} | {s['final_mean_acc']:.4f} | {s['best_mean_acc']:.4f} | {s['best_round']} | "
+            f"{per_round / 1e6:,.2f} MB | {s['wall_s']:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot(output: Path, methods: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        rounds, accs = curve(output / method)
+        ax.plot(rounds, accs, marker="o" if len(rounds) < 15 else None, label=method,
+                linewidth=2.5 if method == "pfedmoe" else 1.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean client test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output / "comparison.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("extra", nargs="*", help="arguments after -- go to every fedmoe-pl fit")
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    summaries = {m: run_method(m, args.config, args.output, args.seed, args.extra) for m in args.methods}
+    print(write_table(summaries, args.output / "comparison.md"))
+    plot(args.output, args.methods, f"{Path(args.config).stem}, seed {args.seed}")
+    print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.png'}")
+
+
+if __name__ == "__main__":
+    main()

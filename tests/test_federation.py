@@ -1,0 +1,86 @@
+import pytest
+
+from fedmoe_pl.aggregation import payload_bytes
+from fedmoe_pl.algorithms import ClientConfig, PFedMoE, Standalone
+from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
+from fedmoe_pl.federation import Federation, FederationConfig, clients_per_round, sample_clients
+
+
+class RecordingTracker:
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict, int, dict]] = []
+
+    def log(self, metrics, step, tables=None) -> None:
+        self.calls.append((metrics, step, tables or {}))
+
+
+def small_federation(tmp_path, algorithm, num_clients=4, participation=1.0, rounds=2, eval_every=1) -> Federation:
+    data = FederatedDataModule(
+        Synthetic(num_classes=2, train_per_class=24, test_per_class=8), IID(), num_clients, batch_size=16
+    )
+    data.setup(0)
+    cfg = FederationConfig(rounds=rounds, participation=participation, eval_every=eval_every, run_dir=str(tmp_path))
+    fed = Federation(cfg, data, ClientConfig(zoo=["cnn5"]), algorithm, seed=3, trainer_kwargs={"accelerator": "cpu"})
+    fed.run_dir.create()
+    return fed
+
+
+@pytest.mark.parametrize(("c", "n", "m"), [(1.0, 10, 10), (0.2, 50, 10), (0.1, 100, 10), (0.7, 10, 7), (0.01, 10, 1)])
+def test_clients_per_round_is_the_ceiling_of_c_times_n(c, n, m) -> None:
+    assert clients_per_round(c, n) == m
+
+
+def test_sampling_is_a_pure_function_of_seed_and_round() -> None:
+    a = [sample_clients(5, r, 50, 10) for r in range(1, 30)]
+    assert a == [sample_clients(5, r, 50, 10) for r in range(1, 30)]
+    assert a != [sample_clients(6, r, 50, 10) for r in range(1, 30)]
+    assert all(len(set(s)) == 10 and s == sorted(s) for s in a)
+    assert len({tuple(s) for s in a}) > 20  # rounds differ
+
+
+def test_the_schedule_is_the_same_for_every_method(tmp_path) -> None:
+    moe = small_federation(tmp_path / "a", PFedMoE(gate_hidden=8), num_clients=6, participation=0.5, rounds=4)
+    alone = small_federation(tmp_path / "b", Standalone(), num_clients=6, participation=0.5, rounds=4)
+    assert moe.schedule == alone.schedule and len(moe.schedule[0]) == 3
+
+
+def test_partial_participation_sends_the_current_global_to_clients_that_fell_behind(tmp_path) -> None:
+    fed = small_federation(tmp_path, PFedMoE(gate_hidden=8), num_clients=6, participation=0.5, rounds=3)
+    size = payload_bytes(fed.global_payload)
+    fed.run()
+    expected_down, held = 0, [-1] * 6
+    for version, sampled in enumerate(fed.schedule):
+        expected_down += size * sum(held[k] != version for k in sampled)  # catch-up before training
+        expected_down += size * len(sampled)  # broadcast after aggregation
+        for k in sampled:
+            held[k] = version + 1
+    assert fed.totals["bytes_down"] == expected_down
+    assert fed.totals["bytes_up"] == 3 * 3 * size
+
+
+def test_each_round_is_logged_once_with_step_equal_to_round(tmp_path) -> None:
+    fed = small_federation(tmp_path, PFedMoE(gate_hidden=8), rounds=3, eval_every=2)
+    fed.tracker = RecordingTracker()  # type: ignore[assignment]
+    records = fed.run()
+    steps = [step for _, step, _ in fed.tracker.calls]
+    assert steps == [1, 2, 3]
+    assert [r["round"] for r in records] == [2, 3]  # evaluated rounds, plus always the last
+    metrics, _, tables = fed.tracker.calls[1]
+    for key in (
+        "mean_acc",
+        "weighted_acc",
+        "std_acc",
+        "min_acc",
+        "bytes_up",
+        "bytes_down",
+        "total_bytes_up",
+        "total_bytes_down",
+        "wall_s",
+        "client_acc/0",
+        "client_gate_global/3",
+    ):
+        assert key in metrics, key
+    columns, rows = tables["clients"]
+    assert columns[:3] == ["client", "model", "client_acc"] and len(rows) == 4
+    assert "mean_acc" not in fed.tracker.calls[0][0]  # round 1 was not evaluated
+    assert fed.run_dir.read_metrics()[0]["round"] == 2
