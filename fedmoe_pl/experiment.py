@@ -84,6 +84,12 @@ def summarize(fed: Federation, records: list[dict[str, Any]], fingerprint: str) 
 def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
     """Train (or resume) the federation; write the run directory; return the summary."""
     exp.algorithm.check(exp.client)
+    run_dir = RunDirectory(exp.federation.run_dir)
+    if resume is None and (run_dir.checkpoint_path.exists() or (run_dir.path / "metrics.jsonl").exists()):
+        raise ValueError(
+            f"run directory {str(run_dir.path)!r} already holds a run; continue it with --resume "
+            f"{run_dir.path} or choose another --federation.run_dir"
+        )
     wanted = result_config(exp.config)
     checkpoint = RunDirectory.load_checkpoint(resume) if resume else None
     if checkpoint is not None:
@@ -101,7 +107,6 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
             f"refusing to resume: the partition fingerprint is {exp.data.fingerprint} but the run used "
             f"{checkpoint['meta']['fingerprint']}; the data on disk differs from the run's"
         )
-    run_dir = RunDirectory(exp.federation.run_dir)
     run_dir.create()
     run_dir.write_text("config.yaml", exp.config_yaml)
     partition = exp.data.report()

@@ -17,4 +17,5 @@ if [ ! -e data/FashionMNIST/raw/train-images-idx3-ubyte ] && [ ! -e "$debian_dir
   fi
 fi
 export WANDB_MODE="${WANDB_MODE:-offline}"
-exec .venv/bin/fedmoe-pl fit --config configs/quickstart.yaml "$@"
+# A fresh run directory each time; --federation.run_dir among the arguments overrides it.
+exec .venv/bin/fedmoe-pl fit --config configs/quickstart.yaml --federation.run_dir "runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"

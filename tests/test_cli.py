@@ -181,6 +181,16 @@ def test_bad_input_fails_before_training_naming_the_value(tmp_path, capsys, argv
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_finished_run_is_not_overwritten_without_resume(tmp_path, capsys) -> None:
+    config = tiny_config(tmp_path, rounds=1)
+    run_fit(capsys, "--config", str(config))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
 def test_misspelled_config_key_is_named(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("federation:\n  roundz: 3\n")
