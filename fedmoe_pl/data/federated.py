@@ -1,0 +1,154 @@
+"""The federated data module: one source, one partition, one ClientDataModule per client."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from fedmoe_pl.data.client import ClientDataModule
+from fedmoe_pl.data.partition import Partitioner, assign, scale_counts
+from fedmoe_pl.data.sources import Source, SourceData
+from fedmoe_pl.data.transforms import BatchTransform
+
+log = logging.getLogger(__name__)
+
+SplitConvention = Literal["paper", "pooled"]
+PARTITION_STREAM = 1  # SeedSequence key: the partition's random stream, apart from all others
+
+
+class FederatedDataModule:
+    """Owns the data source, its partition into client shards, and the client data modules.
+
+    Args:
+        source: where the images come from.
+        partitioner: how classes are spread over clients.
+        num_clients: N, the number of clients.
+        split: ``paper`` partitions the official train and test sets with the same class
+            assignment; ``pooled`` (PFLlib/HtFLlib/FL-bench) pools both, partitions the pool and
+            splits each client's share into train and test by ``train_fraction``.
+        train_fraction: the train share of each client under ``pooled``.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        augment: crop-with-padding and horizontal flips while training. ``None`` turns them on for
+            colour data and off for gray images such as digits.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        partitioner: Partitioner,
+        num_clients: int = 10,
+        split: SplitConvention = "paper",
+        train_fraction: float = 0.75,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        augment: bool | None = None,
+    ) -> None:
+        if split not in ("paper", "pooled"):
+            raise ValueError(f"split={split!r} is not a convention; use 'paper' or 'pooled'")
+        if not 0 < train_fraction < 1:
+            raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        self.source, self.partitioner = source, partitioner
+        self.num_clients, self.split, self.train_fraction = num_clients, split, train_fraction
+        self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
+        self.clients: list[ClientDataModule] = []
+        self.fingerprint = ""
+        self.num_classes = self.in_channels = self.image_size = 0
+
+    def setup(self, seed: int) -> None:
+        """Load the source and build every client's shard; the partition depends only on ``seed``."""
+        data = self.source.load()
+        self.num_classes, self.in_channels, self.image_size = data.num_classes, data.in_channels, data.image_size
+        self.partitioner.check(data.num_classes, self.num_clients)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, PARTITION_STREAM]))
+        if self.split == "paper":
+            train_x, train_y, test_x, test_y = data.train_images, data.train_labels, data.test_images, data.test_labels
+            train_idx, test_idx = self._partition_paper(data, rng)
+        else:
+            train_x = test_x = torch.cat([data.train_images, data.test_images])
+            train_y = test_y = torch.cat([data.train_labels, data.test_labels])
+            train_idx, test_idx = self._partition_pooled(train_y.numpy(), data.num_classes, rng)
+        for i, idx in enumerate(train_idx):
+            if len(idx) == 0:
+                raise ValueError(
+                    f"client {i} received no training samples with num_clients={self.num_clients}; "
+                    "lower num_clients or pick a partitioner that spreads classes more widely"
+                )
+        train_tf, eval_tf = self._transforms(data)
+        self.clients = [
+            ClientDataModule(
+                (train_x[torch.from_numpy(tr)], train_y[torch.from_numpy(tr)]),
+                (test_x[torch.from_numpy(te)], test_y[torch.from_numpy(te)]),
+                train_tf,
+                eval_tf,
+                self.batch_size,
+                self.eval_batch_size,
+            )
+            for tr, te in zip(train_idx, test_idx)
+        ]
+        self.fingerprint = self._fingerprint(data.identity, train_idx, test_idx)
+
+    def _check_size(self, n: int) -> None:
+        if self.num_clients > n:
+            raise ValueError(
+                f"num_clients={self.num_clients} exceeds the {n} available samples; lower num_clients"
+            )
+
+    def _partition_paper(self, data: SourceData, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        train_y, test_y = data.train_labels.numpy(), data.test_labels.numpy()
+        self._check_size(len(train_y))
+        train_counts = self.partitioner.counts(np.bincount(train_y, minlength=data.num_classes), self.num_clients, rng)
+        test_counts = scale_counts(train_counts, np.bincount(test_y, minlength=data.num_classes), rng)
+        return assign(train_y, train_counts, rng), assign(test_y, test_counts, rng)
+
+    def _partition_pooled(
+        self, labels: np.ndarray, num_classes: int, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        self._check_size(len(labels))
+        counts = self.partitioner.counts(np.bincount(labels, minlength=num_classes), self.num_clients, rng)
+        train_idx, test_idx = [], []
+        for share in assign(labels, counts, rng):
+            share = rng.permutation(share)
+            cut = int(round(self.train_fraction * len(share)))
+            train_idx.append(np.sort(share[:cut]))
+            test_idx.append(np.sort(share[cut:]))
+        return train_idx, test_idx
+
+    def _transforms(self, data: SourceData) -> tuple[BatchTransform, BatchTransform]:
+        mean, std = data.channel_stats()
+        augment = self.augment if self.augment is not None else data.in_channels == 3
+        pad = 4 if augment and data.image_size >= 32 else (2 if augment else 0)
+        return BatchTransform(mean, std, crop_padding=pad, hflip=augment), BatchTransform(mean, std)
+
+    def _fingerprint(self, identity: str, train_idx: list[np.ndarray], test_idx: list[np.ndarray]) -> str:
+        h = hashlib.sha256(f"{identity}|{self.split}|{self.train_fraction if self.split == 'pooled' else ''}".encode())
+        for tr, te in zip(train_idx, test_idx):
+            h.update(b"client")
+            h.update(tr.tobytes())
+            h.update(b"|")
+            h.update(te.tobytes())
+        return h.hexdigest()[:16]
+
+    def label_counts(self) -> list[dict[str, Any]]:
+        """Per-client label counts, labels as strings (the ``partition.json`` layout)."""
+
+        def table(labels: torch.Tensor) -> dict[str, int]:
+            counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+            return {str(c): n for c, n in enumerate(counts) if n}
+
+        return [
+            {"id": i, "train": table(c.train_labels), "test": table(c.test_labels)}
+            for i, c in enumerate(self.clients)
+        ]
+
+    def report(self) -> dict[str, Any]:
+        """The partition as written to ``partition.json``."""
+        if not self.clients:
+            raise RuntimeError("call setup(seed) before asking for the partition report")
+        return {"fingerprint": self.fingerprint, "num_classes": self.num_classes, "clients": self.label_counts()}

@@ -1,0 +1,168 @@
+"""Seeded non-IID partitioners.
+
+A partitioner decides *how many* samples of each class every client gets — a (clients, classes)
+count matrix — and :func:`assign` then deals out concrete indices. Splitting the decision this way
+lets the ``paper`` convention give a client's test set the same class mix as its training set
+(:func:`scale_counts`), and keeps every partitioner free of index bookkeeping.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Partitioner(ABC):
+    """Decides per-client, per-class sample counts."""
+
+    def check(self, num_classes: int, num_clients: int) -> None:
+        """Raise on settings that cannot work, before any data is touched."""
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be at least 1, got {num_clients}")
+
+    @abstractmethod
+    def counts(
+        self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """Return an int (num_clients, num_classes) matrix whose column c sums to at most class_counts[c]."""
+
+
+def _largest_remainder(total: int, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Split ``total`` items in proportion to ``shares``; leftovers go to the largest remainders.
+
+    Ties (equal shares) are broken at random, so leftovers never pile up on the first client.
+    """
+    if total == 0 or shares.sum() == 0:
+        return np.zeros(len(shares), dtype=np.int64)
+    exact = shares / shares.sum() * total
+    base = np.floor(exact).astype(np.int64)
+    left = total - int(base.sum())
+    if left:
+        jitter = rng.random(len(shares)) * 1e-9
+        order = np.argsort(-(exact - base + jitter), kind="stable")
+        base[order[:left]] += 1
+    return base
+
+
+class IID(Partitioner):
+    """Every client gets an (almost) equal share of every class."""
+
+    def counts(self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+        ones = np.ones(num_clients)
+        return np.stack([_largest_remainder(int(n), ones, rng) for n in class_counts], axis=1)
+
+
+class Pathological(Partitioner):
+    """Each client holds exactly ``classes_per_client`` classes.
+
+    Assignment rule: client i holds classes ``(i * k + j) mod C`` for ``j < k``, so consecutive
+    clients take consecutive blocks of classes and, when ``N * k`` is a multiple of ``C``, every
+    class has the same number of holders. A class's samples are then split among its holders,
+    equally (``balanced``) or in shares drawn uniformly from the simplex.
+
+    Args:
+        classes_per_client: k, the number of classes each client holds.
+        balanced: equal shares of a class for its holders, else random shares.
+    """
+
+    def __init__(self, classes_per_client: int = 2, balanced: bool = True) -> None:
+        self.classes_per_client = classes_per_client
+        self.balanced = balanced
+
+    def check(self, num_classes: int, num_clients: int) -> None:
+        super().check(num_classes, num_clients)
+        k = self.classes_per_client
+        if not 1 <= k <= num_classes:
+            raise ValueError(
+                f"classes_per_client={k} but the data has {num_classes} classes; choose a value "
+                f"between 1 and {num_classes}"
+            )
+
+    def holdings(self, num_classes: int, num_clients: int) -> np.ndarray:
+        """Boolean (clients, classes) matrix of which client holds which class."""
+        k = self.classes_per_client
+        held = np.zeros((num_clients, num_classes), dtype=bool)
+        for i in range(num_clients):
+            held[i, (i * k + np.arange(k)) % num_classes] = True
+        return held
+
+    def counts(self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+        held = self.holdings(len(class_counts), num_clients)
+        out = np.zeros(held.shape, dtype=np.int64)
+        for c, n in enumerate(class_counts):
+            shares = held[:, c].astype(float)
+            if not self.balanced:
+                shares[held[:, c]] = rng.dirichlet(np.ones(held[:, c].sum()))
+            out[:, c] = _largest_remainder(int(n), shares, rng)
+        return out
+
+
+class Dirichlet(Partitioner):
+    """Each class is spread over clients with proportions drawn from Dir(alpha).
+
+    Every client is guaranteed ``min_samples`` samples without redrawing: after one draw, clients
+    short of the minimum take samples from the client that has the most. Each move transfers at
+    least one sample, so the repair ends after at most ``num_clients * min_samples`` moves.
+
+    Args:
+        alpha: concentration; small values give skewed label mixes (0.1 is the peers' default).
+        min_samples: smallest number of samples any client may end up with.
+    """
+
+    def __init__(self, alpha: float = 0.1, min_samples: int = 10) -> None:
+        self.alpha = alpha
+        self.min_samples = min_samples
+
+    def check(self, num_classes: int, num_clients: int) -> None:
+        super().check(num_classes, num_clients)
+        if not self.alpha > 0:
+            raise ValueError(f"Dirichlet alpha must be > 0, got {self.alpha}; 0.1 to 1.0 are usual")
+        if self.min_samples < 0:
+            raise ValueError(f"min_samples must be >= 0, got {self.min_samples}")
+
+    def counts(self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+        total = int(class_counts.sum())
+        if num_clients * self.min_samples > total:
+            raise ValueError(
+                f"min_samples={self.min_samples} for {num_clients} clients needs "
+                f"{num_clients * self.min_samples} samples but the data has {total}; lower "
+                "min_samples or num_clients"
+            )
+        out = np.stack(
+            [
+                _largest_remainder(int(n), rng.dirichlet(np.full(num_clients, self.alpha)), rng)
+                for n in class_counts
+            ],
+            axis=1,
+        )
+        sizes = out.sum(1)
+        for i in np.flatnonzero(sizes < self.min_samples):
+            while sizes[i] < self.min_samples:
+                donor = int(np.argmax(sizes))
+                c = int(np.argmax(out[donor]))
+                moved = int(min(self.min_samples - sizes[i], out[donor, c], sizes[donor] - self.min_samples))
+                out[donor, c] -= moved
+                out[i, c] += moved
+                sizes[donor] -= moved
+                sizes[i] += moved
+        return out
+
+
+def scale_counts(reference: np.ndarray, class_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Counts for another set (the test set) with each class split like ``reference``'s column."""
+    return np.stack(
+        [_largest_remainder(int(n), reference[:, c].astype(float), rng) for c, n in enumerate(class_counts)],
+        axis=1,
+    )
+
+
+def assign(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Deal out sorted, disjoint index arrays, client i receiving ``counts[i, c]`` samples of class c."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(counts.shape[0])]
+    for c in range(counts.shape[1]):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        bounds = np.cumsum(counts[:, c])[:-1]
+        for i, chunk in enumerate(np.split(idx[: counts[:, c].sum()], bounds)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]

@@ -1,0 +1,278 @@
+"""Dataset sources: each loads a whole dataset once into memory as uint8 image tensors.
+
+Holding uint8 (N, C, H, W) tensors rather than PIL images is what makes batched, on-device
+augmentation possible later (see :mod:`fedmoe_pl.data.transforms`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Where Debian's `dataset-fashion-mnist` package installs the four original idx files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class SourceData:
+    """A dataset in memory: uint8 images (N, C, H, W), int64 labels (N,), and its description."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    identity: str  # names the data for the partition fingerprint
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images, on the [0, 1] scale."""
+        x = self.train_images.float().div_(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+        return x.mean(1).tolist(), x.std(1).tolist()
+
+
+class Source(ABC):
+    """Something that can produce a :class:`SourceData`."""
+
+    @abstractmethod
+    def load(self) -> SourceData: ...
+
+
+def _missing(name: str, looked: Path, how: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} was not found under data root {str(looked)!r} and download is off. {how}"
+    )
+
+
+class _TorchvisionSource(Source):
+    """Shared loading for torchvision's dataset classes."""
+
+    name = ""
+    folder = ""  # what torchvision expects below root
+
+    def __init__(self, root: str = "data", download: bool = False) -> None:
+        self.root = Path(root)
+        self.download = download
+
+    def _dataset(self, train: bool):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def _how_to_get(self) -> str:
+        return (
+            f"Set download: true on a machine with internet, or place torchvision's files in "
+            f"{str(self.root / self.folder)!r}."
+        )
+
+    def _to_tensors(self, ds) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        data = torch.as_tensor(np.asarray(ds.data))
+        images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+        return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+    def load(self) -> SourceData:
+        try:
+            train, test = self._dataset(True), self._dataset(False)
+        except RuntimeError as err:
+            if "download=True" not in str(err):
+                raise
+            raise _missing(self.name, self.root, self._how_to_get()) from err
+        train_x, train_y = self._to_tensors(train)
+        test_x, test_y = self._to_tensors(test)
+        return SourceData(
+            train_x, train_y, test_x, test_y, len(train.classes), identity=self.name.lower()
+        )
+
+
+class CIFAR10(_TorchvisionSource):
+    """CIFAR-10 through torchvision (``root/cifar-10-batches-py``)."""
+
+    name, folder = "CIFAR10", "cifar-10-batches-py"
+
+    def _dataset(self, train: bool):  # type: ignore[no-untyped-def]
+        from torchvision.datasets import CIFAR10 as TV
+
+        return TV(str(self.root), train=train, download=self.download)
+
+
+class CIFAR100(_TorchvisionSource):
+    """CIFAR-100 (fine labels) through torchvision (``root/cifar-100-python``)."""
+
+    name, folder = "CIFAR100", "cifar-100-python"
+
+    def _dataset(self, train: bool):  # type: ignore[no-untyped-def]
+        from torchvision.datasets import CIFAR100 as TV
+
+        return TV(str(self.root), train=train, download=self.download)
+
+
+class MNIST(_TorchvisionSource):
+    """MNIST through torchvision (``root/MNIST/raw``)."""
+
+    name, folder = "MNIST", "MNIST/raw"
+
+    def _dataset(self, train: bool):  # type: ignore[no-untyped-def]
+        from torchvision.datasets import MNIST as TV
+
+        return TV(str(self.root), train=train, download=self.download)
+
+
+class FashionMNIST(_TorchvisionSource):
+    """Fashion-MNIST through torchvision (``root/FashionMNIST/raw``).
+
+    When the files are neither under ``root`` nor to be downloaded, the original files installed
+    by Debian's ``dataset-fashion-mnist`` package are unpacked into ``root`` and used instead.
+
+    Args:
+        root: data root.
+        download: let torchvision download the files.
+        system_dir: where a system package keeps the four ``.gz`` idx files.
+    """
+
+    name, folder = "FashionMNIST", "FashionMNIST/raw"
+    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+    def __init__(
+        self, root: str = "data", download: bool = False, system_dir: str = str(DEBIAN_FASHION_MNIST)
+    ) -> None:
+        super().__init__(root, download)
+        self.system_dir = Path(system_dir)
+
+    def _how_to_get(self) -> str:
+        return (
+            f"Set download: true on a machine with internet, install Debian's package "
+            f"(apt-get install dataset-fashion-mnist, which puts the files in "
+            f"{str(self.system_dir)!r}), or place the four idx files in "
+            f"{str(self.root / self.folder)!r}."
+        )
+
+    def _adopt_system_files(self) -> None:
+        raw = self.root / self.folder
+        if self.download or all((raw / f).exists() for f in self.files):
+            return
+        if not all((self.system_dir / f"{f}.gz").exists() for f in self.files):
+            return
+        log.warning("Fashion-MNIST: using the system package's files from %s", self.system_dir)
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in self.files:
+            tmp = raw / f"{f}.partial"
+            with gzip.open(self.system_dir / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(raw / f)
+
+    def _dataset(self, train: bool):  # type: ignore[no-untyped-def]
+        from torchvision.datasets import FashionMNIST as TV
+
+        self._adopt_system_files()
+        return TV(str(self.root), train=train, download=self.download)
+
+
+class ImageFolder(Source):
+    """Custom data: ``root/train/<class>/*`` and ``root/test/<class>/*`` image files.
+
+    Args:
+        root: folder holding ``train`` and ``test``.
+        grayscale: load as one channel instead of RGB.
+    """
+
+    def __init__(self, root: str, grayscale: bool = False) -> None:
+        self.root = Path(root)
+        self.grayscale = grayscale
+
+    def _read(self, split: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        folder = self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"ImageFolder root {str(self.root)!r} has no {split!r} folder; it must hold "
+                "train/<class>/ and test/<class>/ image folders"
+            )
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((folder / name).iterdir()):
+                with Image.open(path) as img:
+                    arr = np.asarray(img.convert("L" if self.grayscale else "RGB"))
+                images.append(arr)
+                labels.append(label)
+        shapes = {a.shape for a in images}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"images under {str(folder)!r} have different sizes {sorted(shapes)}; "
+                "resize them to one size first"
+            )
+        stacked = torch.as_tensor(np.stack(images))
+        x = stacked.unsqueeze(1) if self.grayscale else stacked.permute(0, 3, 1, 2)
+        return classes, x.contiguous(), torch.tensor(labels, dtype=torch.int64)
+
+    def load(self) -> SourceData:
+        train_classes, train_x, train_y = self._read("train")
+        test_classes, test_x, test_y = self._read("test")
+        if train_classes != test_classes:
+            raise ValueError(
+                f"ImageFolder {str(self.root)!r}: train classes {train_classes} differ from test "
+                f"classes {test_classes}; both folders need the same class sub-folders"
+            )
+        return SourceData(
+            train_x, train_y, test_x, test_y, len(train_classes), identity=f"imagefolder:{self.root.name}"
+        )
+
+
+class Synthetic(Source):
+    """Learnable synthetic images for tests and smoke runs: a fixed pattern per class plus noise.
+
+    Args:
+        num_classes: number of classes.
+        channels: image channels.
+        image_size: square image side.
+        train_per_class: training samples per class.
+        test_per_class: test samples per class.
+        noise: std of the per-pixel noise, in uint8 levels.
+        seed: seed of the patterns and the noise.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: int = 1,
+        image_size: int = 16,
+        train_per_class: int = 60,
+        test_per_class: int = 20,
+        noise: float = 40.0,
+        seed: int = 0,
+    ) -> None:
+        self.num_classes = num_classes
+        self.shape = (channels, image_size, image_size)
+        self.per_class = (train_per_class, test_per_class)
+        self.noise = noise
+        self.seed = seed
+
+    def _make(self, per_class: int, patterns: torch.Tensor, gen: torch.Generator):  # type: ignore[no-untyped-def]
+        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
+        noise = torch.randn((len(labels), *self.shape), generator=gen) * self.noise
+        images = (patterns[labels] + noise).clamp_(0, 255).to(torch.uint8)
+        return images, labels
+
+    def load(self) -> SourceData:
+        gen = torch.Generator().manual_seed(self.seed)
+        patterns = torch.rand((self.num_classes, *self.shape), generator=gen) * 255
+        train_x, train_y = self._make(self.per_class[0], patterns, gen)
+        test_x, test_y = self._make(self.per_class[1], patterns, gen)
+        identity = f"synthetic:{self.num_classes}x{self.shape}x{self.per_class}:{self.noise}:{self.seed}"
+        return SourceData(train_x, train_y, test_x, test_y, self.num_classes, identity)
