@@ -26,8 +26,21 @@ def run_method(method: str, config: str, output: Path, seed: int, extra: list[st
     overlay = ROOT / "configs" / "methods" / f"{method}.yaml"
     if not overlay.exists():
         raise SystemExit(f"no overlay for method {method!r}: expected {overlay}; choose from {METHODS}")
-    argv = [sys.executable, "-m", "fedmoe_pl.cli", "fit", "--config", config, "--config", str(overlay),
-            "--seed_everything", str(seed), "--federation.run_dir", str(run_dir), *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedmoe_pl.cli",
+        "fit",
+        "--config",
+        config,
+        "--config",
+        str(overlay),
+        "--seed_everything",
+        str(seed),
+        "--federation.run_dir",
+        str(run_dir),
+        *extra,
+    ]
     summary = run_dir / "summary.json"
     if summary.exists() and (run_dir / "last.ckpt").exists():
         argv += ["--resume", str(run_dir)]  # finishes an interrupted run; a finished one returns at once
@@ -66,8 +79,13 @@ def plot(output: Path, methods: list[str], title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
         rounds, accs = curve(output / method)
-        ax.plot(rounds, accs, marker="o" if len(rounds) < 15 else None, label=method,
-                linewidth=2.5 if method == "pfedmoe" else 1.2)
+        ax.plot(
+            rounds,
+            accs,
+            marker="o" if len(rounds) < 15 else None,
+            label=method,
+            linewidth=2.5 if method == "pfedmoe" else 1.2,
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("mean client test accuracy")
     ax.set_title(title)

@@ -97,7 +97,9 @@ class ClientDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         return self.prepare_batch(batch, training)
 
-    def prepare_batch(self, batch: tuple[torch.Tensor, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_batch(
+        self, batch: tuple[torch.Tensor, torch.Tensor], training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> normalized float batch, augmented when ``training``."""
         images, labels = batch
         if training:

@@ -96,9 +96,7 @@ class FederatedDataModule:
 
     def _check_size(self, n: int) -> None:
         if self.num_clients > n:
-            raise ValueError(
-                f"num_clients={self.num_clients} exceeds the {n} available samples; lower num_clients"
-            )
+            raise ValueError(f"num_clients={self.num_clients} exceeds the {n} available samples; lower num_clients")
 
     def _partition_paper(self, data: SourceData, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
         train_y, test_y = data.train_labels.numpy(), data.test_labels.numpy()
@@ -115,7 +113,7 @@ class FederatedDataModule:
         train_idx, test_idx = [], []
         for share in assign(labels, counts, rng):
             share = rng.permutation(share)
-            cut = int(round(self.train_fraction * len(share)))
+            cut = round(self.train_fraction * len(share))
             train_idx.append(np.sort(share[:cut]))
             test_idx.append(np.sort(share[cut:]))
         return train_idx, test_idx
@@ -143,8 +141,7 @@ class FederatedDataModule:
             return {str(c): n for c, n in enumerate(counts) if n}
 
         return [
-            {"id": i, "train": table(c.train_labels), "test": table(c.test_labels)}
-            for i, c in enumerate(self.clients)
+            {"id": i, "train": table(c.train_labels), "test": table(c.test_labels)} for i, c in enumerate(self.clients)
         ]
 
     def report(self) -> dict[str, Any]:

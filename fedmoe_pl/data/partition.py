@@ -22,9 +22,7 @@ class Partitioner(ABC):
             raise ValueError(f"num_clients must be at least 1, got {num_clients}")
 
     @abstractmethod
-    def counts(
-        self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator
-    ) -> np.ndarray:
+    def counts(self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
         """Return an int (num_clients, num_classes) matrix whose column c sums to at most class_counts[c]."""
 
 
@@ -130,10 +128,7 @@ class Dirichlet(Partitioner):
                 "min_samples or num_clients"
             )
         out = np.stack(
-            [
-                _largest_remainder(int(n), rng.dirichlet(np.full(num_clients, self.alpha)), rng)
-                for n in class_counts
-            ],
+            [_largest_remainder(int(n), rng.dirichlet(np.full(num_clients, self.alpha)), rng) for n in class_counts],
             axis=1,
         )
         sizes = out.sum(1)

@@ -55,9 +55,7 @@ class Source(ABC):
 
 
 def _missing(name: str, looked: Path, how: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{name} was not found under data root {str(looked)!r} and download is off. {how}"
-    )
+    return FileNotFoundError(f"{name} was not found under data root {str(looked)!r} and download is off. {how}")
 
 
 class _TorchvisionSource(Source):
@@ -93,9 +91,7 @@ class _TorchvisionSource(Source):
             raise _missing(self.name, self.root, self._how_to_get()) from err
         train_x, train_y = self._to_tensors(train)
         test_x, test_y = self._to_tensors(test)
-        return SourceData(
-            train_x, train_y, test_x, test_y, len(train.classes), identity=self.name.lower()
-        )
+        return SourceData(train_x, train_y, test_x, test_y, len(train.classes), identity=self.name.lower())
 
 
 class CIFAR10(_TorchvisionSource):
@@ -144,12 +140,9 @@ class FashionMNIST(_TorchvisionSource):
     """
 
     name, folder = "FashionMNIST", "FashionMNIST/raw"
-    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")
+    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-    def __init__(
-        self, root: str = "data", download: bool = False, system_dir: str = str(DEBIAN_FASHION_MNIST)
-    ) -> None:
+    def __init__(self, root: str = "data", download: bool = False, system_dir: str = str(DEBIAN_FASHION_MNIST)) -> None:
         super().__init__(root, download)
         self.system_dir = Path(system_dir)
 
@@ -214,8 +207,7 @@ class ImageFolder(Source):
         shapes = {a.shape for a in images}
         if len(shapes) != 1:
             raise ValueError(
-                f"images under {str(folder)!r} have different sizes {sorted(shapes)}; "
-                "resize them to one size first"
+                f"images under {str(folder)!r} have different sizes {sorted(shapes)}; resize them to one size first"
             )
         stacked = torch.as_tensor(np.stack(images))
         x = stacked.unsqueeze(1) if self.grayscale else stacked.permute(0, 3, 1, 2)

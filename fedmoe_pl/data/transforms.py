@@ -41,9 +41,7 @@ class BatchTransform:
         hflip: random horizontal flips.
     """
 
-    def __init__(
-        self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0, hflip: bool = False
-    ) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0, hflip: bool = False) -> None:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
         self.crop_padding = crop_padding
