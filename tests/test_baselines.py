@@ -122,8 +122,20 @@ def test_fedgh_server_trains_the_global_header_on_uploaded_representations() -> 
     assert torch.equal(c.model.head.weight, header["weight"])
 
 
-def test_fd_distils_toward_the_global_logits_of_each_class() -> None:
+def test_fd_distils_toward_the_global_distribution_of_each_class() -> None:
     c = client(FD(distill_weight=2.0), classes=3)
+    logits, y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 1])
+    assert c.regulariser(torch.zeros(2, 500), logits, y).item() == 0.0  # nothing known yet
+    global_logits = torch.tensor([[3.0, 0.0, 0.0], [9.0, 9.0, 9.0], [0.0, 0.0, 0.0]])
+    c.download({"means": global_logits, "counts": torch.tensor([4, 0, 1])})
+    # Only sample 0's class is known: 2 * KL(softmax(3,0,0) || softmax(1,0,0)) over half the batch.
+    p, q = global_logits[0].softmax(0), logits[0].softmax(0)
+    expected = 2.0 * (p * (p.log() - q.log())).sum() * 0.5
+    torch.testing.assert_close(c.regulariser(torch.zeros(2, 500), logits, y), expected)
+
+
+def test_fd_mse_variant_distils_toward_the_global_logits() -> None:
+    c = client(FD(distill_weight=2.0, distill_loss="mse"), classes=3)
     logits, y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 1])
     assert c.regulariser(torch.zeros(2, 500), logits, y).item() == 0.0  # nothing known yet
     global_logits = torch.tensor([[3.0, 0.0, 0.0], [9.0, 9.0, 9.0], [0.0, 0.0, 0.0]])

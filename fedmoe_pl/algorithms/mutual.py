@@ -15,18 +15,8 @@ from torch import nn
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
 from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.losses import kl
 from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
-
-
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) on softened distributions; the teacher side carries no gradient."""
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits.detach() / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
 
 
 class MutualClient(FederatedClient):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import Payload, classwise_mean
 from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.losses import kl
 from fedmoe_pl.algorithms.model_client import StatsClient
 
 
@@ -82,9 +83,9 @@ class FDClient(StatsClient):
     global_logits: torch.Tensor
     global_known: torch.Tensor
 
-    def __init__(self, *args: object, distill_weight: float = 1.0, **kwargs: object) -> None:
+    def __init__(self, *args: object, distill_weight: float = 1.0, distill_loss: str = "kl", **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.distill_weight = distill_weight
+        self.distill_weight, self.distill_loss = distill_weight, distill_loss
         self.register_buffer("global_logits", torch.zeros(self.num_classes, self.num_classes))
         self.register_buffer("global_known", torch.zeros(self.num_classes, dtype=torch.bool))
 
@@ -93,7 +94,9 @@ class FDClient(StatsClient):
         if not known.any():
             return logits.new_zeros(())
         target = self.global_logits[y[known]]  # (b, K)
-        return self.distill_weight * F.mse_loss(logits[known], target)
+        if self.distill_loss == "mse":
+            return self.distill_weight * F.mse_loss(logits[known], target)
+        return self.distill_weight * kl(logits[known], target) * known.float().mean()
 
     def download(self, payload: Payload) -> None:
         self.global_logits.copy_(payload["means"])
@@ -104,19 +107,26 @@ class FD(Algorithm):
     """FD, federated distillation (Jeong et al., 2018, arXiv 1811.11479).
 
     Up: per-class mean logits of the last local epoch (classes x classes) and their counts. Down:
-    their sample-weighted per-class average. Clients add ``distill_weight`` times the mean squared
-    error between their logits and the global logits of each sample's class (PFLlib's FD form,
-    weight 1).
+    their sample-weighted per-class average. Clients add ``distill_weight`` (the paper's beta, 1)
+    times a distillation term between their output and the global logits of each sample's class.
+    The paper's term compares the softmax distributions (``kl``, the default); ``mse`` is PFLlib's
+    variant on raw logits, which diverged to NaN in round 2 of the quickstart with momentum 0.9,
+    because confidently separated classes have mean logits of 30 and more.
 
     Args:
         distill_weight: weight of the distillation term.
+        distill_loss: ``kl`` (paper) or ``mse`` (PFLlib).
     """
 
-    def __init__(self, distill_weight: float = 1.0) -> None:
-        self.distill_weight = distill_weight
+    def __init__(self, distill_weight: float = 1.0, distill_loss: Literal["kl", "mse"] = "kl") -> None:
+        if distill_loss not in ("kl", "mse"):
+            raise ValueError(f"FD distill_loss={distill_loss!r}; use 'kl' or 'mse'")
+        self.distill_weight, self.distill_loss = distill_weight, distill_loss
 
     def build_client(self, ctx: ClientContext) -> FDClient:
-        return FDClient.from_context(ctx, distill_weight=self.distill_weight)  # type: ignore[return-value]
+        return FDClient.from_context(  # type: ignore[return-value]
+            ctx, distill_weight=self.distill_weight, distill_loss=self.distill_loss
+        )
 
     def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
         return no_class_stats(clients, clients[0].num_classes)
