@@ -54,6 +54,13 @@ def curve(run_dir: Path) -> tuple[list[int], list[float]]:
     return [r["round"] for r in rows], [r["mean_acc"] for r in rows]
 
 
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def write_table(summaries: dict[str, dict], path: Path) -> str:
     lines = [
         "| method | final mean acc | best mean acc | best round | bytes up / round | wall s |",
@@ -63,7 +70,7 @@ def write_table(summaries: dict[str, dict], path: Path) -> str:
         per_round = s["total_bytes_up"] / max(s["rounds"], 1)
         lines.append(
             f"| {method} | {s['final_mean_acc']:.4f} | {s['best_mean_acc']:.4f} | {s['best_round']} | "
-            f"{per_round / 1e6:,.2f} MB | {s['wall_s']:.0f} |"
+            f"{human_bytes(per_round)} | {s['wall_s']:.0f} |"
         )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
