@@ -61,19 +61,25 @@ def human_bytes(n: float) -> str:
     return f"{n:,.0f} B"
 
 
-def write_table(summaries: dict[str, dict], path: Path) -> str:
+def rounds_to(run_dir: Path, target: float) -> str:
+    """First evaluated round whose mean accuracy reaches ``target`` (the paper's cost unit)."""
+    rounds, accs = curve(run_dir)
+    return next((str(r) for r, a in zip(rounds, accs) if a >= target), "-")
+
+
+def write_table(summaries: dict[str, dict], output: Path, target: float) -> str:
     lines = [
-        "| method | final mean acc | best mean acc | best round | bytes up / round | wall s |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| method | final mean acc | best mean acc | best round | rounds to {target:g} | bytes up / round | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, s in summaries.items():
         per_round = s["total_bytes_up"] / max(s["rounds"], 1)
         lines.append(
             f"| {method} | {s['final_mean_acc']:.4f} | {s['best_mean_acc']:.4f} | {s['best_round']} | "
-            f"{human_bytes(per_round)} | {s['wall_s']:.0f} |"
+            f"{rounds_to(output / method, target)} | {human_bytes(per_round)} | {s['wall_s']:.0f} |"
         )
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    (output / "comparison.md").write_text(text)
     return text
 
 
@@ -109,11 +115,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--target", type=float, default=0.95, help="mean accuracy for the rounds-to-target column")
     parser.add_argument("extra", nargs="*", help="arguments after -- go to every fedmoe-pl fit")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     summaries = {m: run_method(m, args.config, args.output, args.seed, args.extra) for m in args.methods}
-    print(write_table(summaries, args.output / "comparison.md"))
+    print(write_table(summaries, args.output, args.target))
     plot(args.output, args.methods, f"{Path(args.config).stem}, seed {args.seed}")
     print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.png'}")
 

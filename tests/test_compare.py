@@ -41,7 +41,7 @@ def test_compare_writes_a_table_and_a_plot_for_every_method(tmp_path) -> None:
         capture_output=True,
     )
     table = (out / "comparison.md").read_text().splitlines()
-    assert table[0].startswith("| method | final mean acc | best mean acc | best round | bytes up / round")
+    assert table[0].startswith("| method | final mean acc | best mean acc | best round | rounds to 0.95 | bytes up")
     assert [row.split("|")[1].strip() for row in table[2:]] == ["pfedmoe", "standalone"]
-    assert table[3].split("|")[5].strip() == "0 B"  # Standalone sends nothing
+    assert table[3].split("|")[6].strip() == "0 B"  # Standalone sends nothing
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
