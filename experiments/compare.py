@@ -88,6 +88,7 @@ def plot(output: Path, methods: list[str], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
@@ -99,6 +100,7 @@ def plot(output: Path, methods: list[str], title: str) -> None:
             label=method,
             linewidth=2.5 if method == "pfedmoe" else 1.2,
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("mean client test accuracy")
     ax.set_title(title)
