@@ -7,6 +7,7 @@ overlay earlier ones), dotted overrides such as ``--federation.rounds 50``, ``--
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,6 @@ def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
 
 def _non_defaults(trainer: dict[str, Any]) -> dict[str, Any]:
     """Pass on only the Trainer arguments the user changed, so Lightning's defaults stay Lightning's."""
-    import inspect
-
     defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
     return {k: v for k, v in trainer.items() if defaults.get(k, object()) != v}
 

@@ -51,7 +51,6 @@ class FedGH(Algorithm):
 
     def __init__(self, server_lr: float = 0.01, server_epochs: int = 1, seed: int = 0) -> None:
         self.server_lr, self.server_epochs, self.seed = server_lr, server_epochs, seed
-        self._round = 0
 
     def build_client(self, ctx: ClientContext) -> FedGHClient:
         return FedGHClient.from_context(ctx)  # type: ignore[return-value]
