@@ -1,8 +1,12 @@
+import inspect
+import sys
+import typing
+
 import pytest
 import torch
 from torch import nn
 
-from fedmoe_pl.models import ZOO_SHAPES, build_model, check_model_spec
+from fedmoe_pl.models import ZOO_SHAPES, build_model, check_model_spec, contract_gaps
 
 
 def count(module: nn.Module) -> int:
@@ -87,3 +91,44 @@ def test_class_path_models_are_built_with_the_data_shape() -> None:
 def test_class_path_without_the_contract_is_refused() -> None:
     with pytest.raises(TypeError, match="zoo contract"):
         build_model({"class_path": "torch.nn.Identity"}, 1, 16, 3)  # accepts any kwargs, has no head
+
+
+class Headless(TinyNet):
+    """TinyNet without its head: the contract check must name exactly what is missing."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__(in_channels, image_size, num_classes)
+        del self.head
+
+
+def _static_hasattr(obj: object, name: str) -> bool:
+    try:
+        inspect.getattr_static(obj, name)
+    except AttributeError:
+        return False
+    return True
+
+
+@pytest.fixture
+def static_lookup(monkeypatch):
+    """Protocol ``isinstance`` as Python 3.12+ does it (static lookup), on every interpreter.
+
+    Up to 3.11, ``typing`` checks Protocol members with ``hasattr``; shadowing that name in its
+    namespace reproduces the later rules, so the suite catches a relapse on 3.10/3.11 too.
+    """
+    if sys.version_info < (3, 12):
+        monkeypatch.setattr(typing, "hasattr", _static_hasattr, raising=False)
+
+
+@pytest.mark.parametrize("spec", ["cnn1", "cnn5", {"class_path": f"{__name__}.TinyNet"}], ids=str)
+def test_contract_check_sees_submodules_that_static_lookup_cannot(static_lookup, spec) -> None:
+    model = build_model(spec, 1, 16, 3)
+    # The premise: nn.Module serves sub-modules through __getattr__, invisible to static lookup.
+    assert not _static_hasattr(model, "extractor") and not _static_hasattr(model, "head")
+    assert contract_gaps(model) == []
+
+
+def test_contract_check_still_rejects_a_model_without_a_head(static_lookup) -> None:
+    assert contract_gaps(Headless(1, 16, 3)) == ["head"]
+    with pytest.raises(TypeError, match=r"Headless.*no usable `head`"):
+        build_model({"class_path": f"{__name__}.Headless"}, 1, 16, 3)

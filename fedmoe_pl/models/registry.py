@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, Union
 
 import torch
 from torch import nn
@@ -21,9 +21,8 @@ ModelSpec = Union[str, dict[str, Any]]  # noqa: UP007 (a runtime alias jsonargpa
 ModelFactory = Callable[..., nn.Module]
 
 
-@runtime_checkable
 class ZooModel(Protocol):
-    """What the algorithms need from a client model."""
+    """What the algorithms need from a client model (for type checkers; :func:`contract_gaps` checks it at run time)."""
 
     extractor: nn.Module  # image -> (B, feature_dim)
     head: nn.Module  # (B, feature_dim) -> (B, num_classes)
@@ -92,6 +91,22 @@ def model_name(spec: ModelSpec) -> str:
     return spec if isinstance(spec, str) else str(spec["class_path"])
 
 
+def contract_gaps(model: object) -> list[str]:
+    """The members of the :class:`ZooModel` contract that ``model`` lacks (empty when it has them all).
+
+    Looked up with ``getattr``: an ``nn.Module`` keeps its sub-modules in ``_modules`` and serves
+    them through ``__getattr__``, which the static lookup of ``isinstance`` against a
+    runtime-checkable Protocol does not see from Python 3.12 on.
+    """
+    gaps = [name for name in ("extractor", "head") if not isinstance(getattr(model, name, None), nn.Module)]
+    gaps += [name for name in ("forward_features", "forward_head") if not callable(getattr(model, name, None))]
+    try:
+        int(getattr(model, "feature_dim"))  # noqa: B009 (a property may raise anything)
+    except Exception:
+        gaps.append("feature_dim")
+    return gaps
+
+
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """A zoo model's (extractor, head)."""
     extractor, head = getattr(model, "extractor", None), getattr(model, "head", None)
@@ -108,9 +123,11 @@ def build_model(spec: ModelSpec, in_channels: int, image_size: int, num_classes:
         model = _REGISTRY[spec](**dims)
     else:
         model = _import_class(spec["class_path"])(**dims, **spec.get("init_args", {}))
-    if not isinstance(model, ZooModel):
+    gaps = contract_gaps(model)
+    if gaps:
         raise TypeError(
-            f"model {model_name(spec)!r} lacks the zoo contract: it needs `extractor`, `head`, "
-            "`feature_dim`, `forward_features` and `forward_head`"
+            f"model {model_name(spec)!r} ({type(model).__name__}) lacks the zoo contract: it has no "
+            f"usable {', '.join(f'`{g}`' for g in gaps)}; a zoo model needs `extractor` and `head` "
+            "sub-modules, an integer `feature_dim`, and `forward_features` / `forward_head` methods"
         )
     return model
