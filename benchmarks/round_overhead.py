@@ -80,7 +80,7 @@ def main() -> None:
         torch.manual_seed(exp.seed)
         exp.data.setup(exp.seed)
         fed = Federation(exp.federation, exp.data, exp.client, exp.algorithm, exp.seed, exp.trainer)
-        fed.run_dir.create()
+        fed.run_dir.acquire()
         for client in fed.clients:  # every client starts from the server's initial global expert
             client.download(fed.global_payload)
         initial = [copy.deepcopy(c.state_dict()) for c in fed.clients]

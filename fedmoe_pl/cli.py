@@ -17,8 +17,10 @@ from lightning import Trainer
 
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.data import FederatedDataModule
+from fedmoe_pl.errors import Interrupted, RunError
 from fedmoe_pl.experiment import Experiment, fit
 from fedmoe_pl.federation import FederationConfig
+from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.tracking import WandbConfig
 
 # Trainer arguments the federation sets itself: one device, one local fit, nothing logged.
@@ -52,7 +54,8 @@ DEFAULTS = {
 
 
 def _experiment_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, exit_on_error=False)
+    # No abbreviations: `--federation.round 1` must not run as `--federation.rounds 1`.
+    parser = ArgumentParser(description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config; repeat to overlay")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of every random stream of the run")
     parser.add_class_arguments(FederatedDataModule, "data")
@@ -66,7 +69,9 @@ def _experiment_parser(description: str) -> ArgumentParser:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="fedmoe-pl", description="pFedMoE and baselines for personalized federated learning")
+    parser = ArgumentParser(
+        prog="fedmoe-pl", description="pFedMoE and baselines for personalized federated learning", allow_abbrev=False
+    )
     commands = parser.add_subcommands(dest="subcommand")
     fit_parser = _experiment_parser("Train a federation and write its run directory")
     fit_parser.add_argument("--resume", type=str | None, default=None, help="run directory or checkpoint to continue")
@@ -118,21 +123,49 @@ def main(argv: list[str] | None = None) -> None:
     sub_parser = subcommand_parser(parser, command)
     sub_cfg = cfg[command]
     try:
+        if command == "fit" and sub_cfg.resume:
+            _resume_in_place(sub_cfg)
         exp = _experiment(sub_parser, sub_cfg)
         if command == "fit":
             summary = fit(exp, resume=sub_cfg.resume)
             print(
-                f"final mean client test accuracy: {summary['final_mean_acc']:.4f} "
-                f"(best {summary['best_mean_acc']:.4f} at round {summary['best_round']})\n"
+                f"final mean client test accuracy: {_percent(summary['final_mean_acc'])} "
+                f"(best {_percent(summary['best_mean_acc'])} at round {summary['best_round']})\n"
                 f"results: {Path(exp.federation.run_dir).resolve()}"
             )
         else:
             from fedmoe_pl.report import write_partition
 
             write_partition(exp, Path(sub_cfg.output))
+    except Interrupted as stop:
+        run_dir = Path(sub_cfg.federation.run_dir)
+        print(
+            f"fedmoe-pl {command}: interrupted by {stop.name} after round {stop.round}; the run directory keeps "
+            f"that round's checkpoint. Continue with: fedmoe-pl fit --config {run_dir / 'config.yaml'} "
+            f"--resume {run_dir}",
+            file=sys.stderr,
+        )
+        raise SystemExit(stop.exit_code) from None
+    except RunError as err:
+        print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _resume_in_place(cfg: Namespace) -> None:
+    """``--resume A`` continues the run in A, whatever directory the config names."""
+    run_dir = RunDirectory.locate(cfg.resume)
+    if Path(cfg.federation.run_dir).resolve() != run_dir.resolve():
+        print(
+            f"fedmoe-pl fit: resuming the run in {run_dir} (not the config's {cfg.federation.run_dir})", file=sys.stderr
+        )
+    cfg.federation.run_dir = str(run_dir)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -18,57 +19,16 @@ from tqdm.auto import tqdm
 from fedmoe_pl.aggregation import Payload, payload_bytes, payload_numel
 from fedmoe_pl.algorithms.base import Algorithm, ClientConfig, ClientContext, FederatedClient
 from fedmoe_pl.data import FederatedDataModule
+from fedmoe_pl.errors import ClientFailure
 from fedmoe_pl.models import model_name
 from fedmoe_pl.rundir import RunDirectory
+from fedmoe_pl.schedule import FederationConfig, clients_per_round, dropped_clients, fit_seed, sample_clients
+from fedmoe_pl.signals import StopSignals
 from fedmoe_pl.tracking import WandbTracker
 
-SAMPLING_STREAM, TRAINING_STREAM = 2, 3  # SeedSequence keys: independent random streams of a run
+log = logging.getLogger(__name__)
 
-
-@dataclass
-class FederationConfig:
-    """The federation's schedule and where it writes.
-
-    Args:
-        rounds: communication rounds T (paper: 500).
-        participation: C, the fraction of clients sampled each round, in (0, 1].
-        local_epochs: local epochs per round (paper grid: 1 or 10).
-        eval_every: evaluate every this many rounds (the last round is always evaluated).
-        eval_clients: evaluate ``all`` clients or only the round's ``sampled`` ones.
-        run_dir: the run directory.
-    """
-
-    rounds: int = 5
-    participation: float = 1.0
-    local_epochs: int = 1
-    eval_every: int = 1
-    eval_clients: Literal["all", "sampled"] = "all"
-    run_dir: str = "runs/default"
-
-    def __post_init__(self) -> None:
-        if self.rounds <= 0:
-            raise ValueError(f"federation.rounds must be a positive number of rounds, got {self.rounds}")
-        if not 0 < self.participation <= 1:
-            raise ValueError(f"federation.participation (C) must lie in (0, 1], got {self.participation}")
-        if self.local_epochs <= 0 or self.eval_every <= 0:
-            raise ValueError(
-                f"federation.local_epochs ({self.local_epochs}) and eval_every ({self.eval_every}) must be positive"
-            )
-
-
-def clients_per_round(participation: float, num_clients: int) -> int:
-    return max(1, math.ceil(round(participation * num_clients, 9)))
-
-
-def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
-    """The clients of one round: a pure function of (seed, round), the same for every method."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, SAMPLING_STREAM, round_]))
-    return sorted(rng.choice(num_clients, per_round, replace=False).tolist())
-
-
-def fit_seed(seed: int, round_: int, client: int) -> int:
-    """Seed of one local fit's shuffling and augmentation."""
-    return int(np.random.SeedSequence([seed, TRAINING_STREAM, round_, client]).generate_state(1)[0])
+__all__ = ["Federation", "FederationConfig", "clients_per_round", "quiet_lightning", "sample_clients"]
 
 
 def quiet_lightning() -> None:
@@ -91,11 +51,12 @@ class Federation:
         seed: int,
         trainer_kwargs: dict[str, Any] | None = None,
         tracker: WandbTracker | None = None,
+        run_dir: RunDirectory | None = None,
     ) -> None:
         self.cfg, self.data, self.algorithm, self.seed = cfg, data, algorithm, seed
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.tracker = tracker
-        self.run_dir = RunDirectory(cfg.run_dir)
+        self.run_dir = run_dir or RunDirectory(cfg.run_dir)
         self.clients: list[FederatedClient] = [
             algorithm.build_client(
                 ClientContext(
@@ -111,51 +72,98 @@ class Federation:
         self.version = 0  # bumped at every aggregation
         self.held_version = [-1] * data.num_clients  # which global each client holds; -1: none yet
         self.round = 0
-        self.totals = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0, "dropped": 0, "failed": 0}
         self.shared_numel = [0] * data.num_clients  # elements of each client's last upload
         self.meta: dict[str, Any] = {}  # stored with every checkpoint by the caller
+        self.tested = [k for k in range(data.num_clients) if data.clients[k].num_test > 0]
+        if len(self.tested) < data.num_clients:
+            untested = sorted(set(range(data.num_clients)) - set(self.tested))
+            log.warning("clients %s have no test samples; they are left out of every accuracy mean", untested)
         quiet_lightning()
 
     # -- one round --------------------------------------------------------------------------
 
-    def run(self) -> list[dict[str, Any]]:
-        """Train the remaining rounds; return the metric records of the evaluated ones."""
+    def run(self, signals: StopSignals | None = None) -> list[dict[str, Any]]:
+        """Train the remaining rounds; return the metric records of the evaluated ones.
+
+        With ``signals``, a stop signal abandons the round in progress (it is redone on resume) and
+        raises :class:`~fedmoe_pl.errors.Interrupted` once the last checkpoint is complete.
+        """
         records = []
         bar = tqdm(range(self.round + 1, self.cfg.rounds + 1), desc="rounds", unit="round", dynamic_ncols=True)
         for rnd in bar:
             start = time.perf_counter()
-            sampled = self.schedule[rnd - 1]
-            bytes_down = self._send_global(sampled)
-            uploads, weights, losses = [], [], []
-            for k in sampled:
-                losses.append(self._local_fit(k, rnd))
-                uploads.append(self.clients[k].upload())
-                self.shared_numel[k] = payload_numel(uploads[-1])
-                weights.append(self.data.clients[k].num_train)
-            bytes_up = sum(payload_bytes(u) for u in uploads)
-            self.global_payload = self.algorithm.aggregate(uploads, weights, self.global_payload)
-            self.version += 1
-            bytes_down += self._send_global(sampled)
-            record: dict[str, Any] = {"round": rnd, "train_loss": float(np.mean(losses))}
-            if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
-                record.update(self._evaluate(sampled))
-                bar.set_postfix(mean_acc=f"{record['mean_acc']:.4f}")
+            with signals.abandonable() if signals else contextlib.nullcontext():
+                record = self._round(rnd)
             self.round = rnd
-            self.totals["bytes_up"] += bytes_up
-            self.totals["bytes_down"] += bytes_down
+            self.totals["bytes_up"] += record["bytes_up"]
+            self.totals["bytes_down"] += record["bytes_down"]
+            self.totals["dropped"] += len(record["dropped"])
+            self.totals["failed"] += len(record["failed"])
             self.totals["wall_s"] += time.perf_counter() - start
             record.update(
-                bytes_up=bytes_up,
-                bytes_down=bytes_down,
                 total_bytes_up=self.totals["bytes_up"],
                 total_bytes_down=self.totals["bytes_down"],
+                total_dropped=self.totals["dropped"],
+                total_failed=self.totals["failed"],
                 wall_s=time.perf_counter() - start,
             )
-            self._log(record)
-            if "mean_acc" in record:
+            if record.get("mean_acc") is not None:
+                bar.set_postfix(mean_acc=f"{record['mean_acc']:.4f}")
                 records.append(record)
+            self._log(record)
             self.run_dir.save_checkpoint(self.state_dict())
+            if signals and rnd < self.cfg.rounds:
+                signals.check()
         return records
+
+    def _round(self, rnd: int) -> dict[str, Any]:
+        sampled = self.schedule[rnd - 1]
+        offline = dropped_clients(self.seed, rnd, sampled, self.cfg.dropout)
+        reporting = [k for k in sampled if k not in offline]
+        bytes_down = self._send_global(reporting)
+        uploads, weights, losses, reported, failed = [], [], [], [], []
+        for k in reporting:
+            loss = self._guarded_fit(k, rnd)
+            if loss is None:
+                failed.append(k)
+                continue
+            losses.append(loss)
+            uploads.append(self.clients[k].upload())
+            self.shared_numel[k] = payload_numel(uploads[-1])
+            weights.append(self.data.clients[k].num_train)
+            reported.append(k)
+        if uploads:  # nobody reported: the server keeps its state
+            self.global_payload = self.algorithm.aggregate(uploads, weights, self.global_payload)
+            self.version += 1
+            bytes_down += self._send_global(reported)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "reported": len(reported),
+            "dropped": sorted(offline),
+            "failed": failed,
+            "bytes_up": sum(payload_bytes(u) for u in uploads),
+            "bytes_down": bytes_down,
+        }
+        if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
+            record.update(self._evaluate(sampled))
+        return record
+
+    def _guarded_fit(self, k: int, rnd: int) -> float | None:
+        """Client ``k``'s local fit and its mean loss; ``None`` if it failed and is dropped."""
+        before = copy.deepcopy(self.clients[k].state_dict()) if self.cfg.on_client_error == "drop" else None
+        try:
+            loss = self._local_fit(k, rnd)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss is {loss}; lower client.lr or check the data")
+        except Exception as err:
+            if before is None:
+                raise ClientFailure(k, rnd, err) from err
+            log.warning("round %d: client %d dropped: %s: %s", rnd, k, type(err).__name__, err)
+            self.clients[k].load_state_dict(before)
+            return None
+        return loss
 
     def _send_global(self, ids: list[int]) -> int:
         """Bring the listed clients up to the server's current global state; return bytes sent."""
@@ -189,7 +197,9 @@ class Federation:
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
     def _evaluate(self, sampled: list[int]) -> dict[str, Any]:
-        ids = range(len(self.clients)) if self.cfg.eval_clients == "all" else sampled
+        ids = [k for k in (self.tested if self.cfg.eval_clients == "all" else sampled) if k in self.tested]
+        if not ids:
+            return {"mean_acc": None}
         device = self._eval_device()
         results: dict[int, dict[str, float]] = {}
         for k in ids:
@@ -213,19 +223,8 @@ class Federation:
     def _log(self, record: dict[str, Any]) -> None:
         if "mean_acc" in record:
             self.run_dir.append_metrics(record)
-        if self.tracker is None:
-            return
-        flat = {k: v for k, v in record.items() if not isinstance(v, dict) and k != "round"}
-        per_client = {k: v for k, v in record.items() if isinstance(v, dict)}
-        for key, values in per_client.items():
-            flat.update({f"{key}/{k}": v for k, v in values.items()})
-        tables = {}
-        if per_client:
-            columns = ["client", "model", *per_client]
-            ids = sorted(per_client["client_acc"], key=int)
-            rows = [[int(k), self.model_names[int(k)], *(per_client[c].get(k) for c in per_client)] for k in ids]
-            tables["clients"] = (columns, rows)
-        self.tracker.log(flat, step=record["round"], tables=tables)
+        if self.tracker is not None:
+            self.tracker.log_round(record, self.model_names)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -256,7 +255,7 @@ class Federation:
         self.global_payload = state["global"]
         for client, client_state in zip(self.clients, state["clients"]):
             client.load_state_dict(client_state)
-        self.totals = dict(state["totals"])
+        self.totals = {"dropped": 0, "failed": 0, **state["totals"]}
         self.shared_numel = list(state["shared_numel"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])

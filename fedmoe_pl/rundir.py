@@ -1,25 +1,64 @@
-"""The run directory: everything needed to understand a run and to resume it."""
+"""The run directory: everything needed to understand a run and to resume it.
+
+Every file is written whole or not at all (a temporary file, fsync, rename), and a failed write
+removes its temporary file, so a full disk or a kill leaves the previous complete state behind.
+One process at a time owns a run directory (a lock file, released by the OS if the process dies).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from filelock import FileLock, Timeout
+
+from fedmoe_pl.errors import RunError
 
 CHECKPOINT = "last.ckpt"
+CHECKPOINT_KEYS = ("round", "schedule", "clients", "global", "meta", "rng")
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
+def _write_failed(path: Path, err: OSError) -> RunError:
+    return RunError(
+        f"could not write {str(path)!r}: {err.strerror or err}. The run directory keeps its last complete "
+        f"checkpoint: free space or fix permissions, then continue with --resume {path.parent}"
+    )
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_failed(path, err) from err
+        raise
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by ``None``, so that it is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
 
 
 class RunDirectory:
@@ -27,23 +66,58 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-
-    def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock: FileLock | None = None
 
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
 
+    def holds_run(self) -> bool:
+        """Whether a run has saved state here (its round-0 checkpoint is written before any metrics)."""
+        return self.checkpoint_path.exists()
+
+    def acquire(self) -> None:
+        """Create the directory and take it for this process; refuse if another process has it."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(self.path / ".lock", timeout=0)
+            lock.acquire()
+        except Timeout:
+            raise RunError(
+                f"run directory {str(self.path)!r} is in use by another running process; wait for it to "
+                "end or choose another --federation.run_dir"
+            ) from None
+        except OSError as err:
+            raise RunError(
+                f"run directory {str(self.path)!r} cannot be written: {err.strerror or err}; fix its "
+                "permissions or choose another --federation.run_dir"
+            ) from err
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def write_text(self, name: str, text: str) -> None:
         _atomic_write_bytes(self.path / name, lambda fh: fh.write(text.encode()))
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, json.dumps(obj, indent=2) + "\n")
+        self.write_text(name, to_json(obj, indent=2) + "\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        """Append one strict-JSON line; a failed append is cut back so no partial line remains."""
+        path = self.path / "metrics.jsonl"
+        line = (to_json(record) + "\n").encode()
+        with open(path, "ab") as fh:
+            size = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as err:
+                fh.truncate(size)
+                raise _write_failed(path, err) from err
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
@@ -54,10 +128,16 @@ class RunDirectory:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (written after the last checkpoint)."""
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
-        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        self.write_text("metrics.jsonl", "".join(to_json(r) + "\n" for r in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         _atomic_write_bytes(self.checkpoint_path, lambda fh: torch.save(state, fh))
+
+    @staticmethod
+    def locate(path: str | Path) -> Path:
+        """The run directory of a ``--resume`` argument: the directory itself, or a checkpoint's folder."""
+        path = Path(path)
+        return path.parent if path.is_file() else path
 
     @staticmethod
     def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -69,4 +149,17 @@ class RunDirectory:
                 f"no checkpoint at {str(file)!r}; --resume takes a run directory holding "
                 f"{CHECKPOINT} or the path of a checkpoint file"
             )
-        return torch.load(file, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=False)
+            missing = [key for key in CHECKPOINT_KEYS if key not in state]
+        except Exception as err:
+            raise ValueError(
+                f"checkpoint {str(file)!r} cannot be read ({type(err).__name__}: {err}); it is damaged. "
+                "Start a new run (another --federation.run_dir)"
+            ) from err
+        if missing:
+            raise ValueError(
+                f"{str(file)!r} is not a fedmoe-pl checkpoint (it lacks {missing}); --resume takes the "
+                "run directory of a fedmoe-pl fit"
+            )
+        return state  # type: ignore[no-any-return]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +36,24 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
+def _server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def _server_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds.
+
+    wandb.init would otherwise wait for its own, much longer, timeout before failing the run.
+    """
+    url = urlsplit(_server())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class WandbTracker:
     """One W&B run per experiment; metrics logged with ``step = round``."""
 
@@ -41,10 +64,23 @@ class WandbTracker:
             return
         import wandb
 
+        if self.mode == "online" and not _server_reachable():
+            log.warning("W&B server %s cannot be reached: logging offline; upload later with `wandb sync`", _server())
+            self.mode = "offline"
+        try:
+            self.run = self._init(wandb, cfg, run_dir, config, run_id)
+        except Exception as err:
+            if self.mode != "online":
+                raise
+            log.warning("W&B online start failed (%s): logging offline; upload later with `wandb sync`", err)
+            self.mode = "offline"
+            self.run = self._init(wandb, cfg, run_dir, config, run_id)
+
+    def _init(self, wandb: Any, cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None) -> Any:
         settings = (
-            wandb.Settings(silent=True, init_timeout=90) if self.mode == "online" else wandb.Settings(silent=True)
+            wandb.Settings(silent=True, init_timeout=60) if self.mode == "online" else wandb.Settings(silent=True)
         )
-        self.run = wandb.init(
+        return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.name or run_dir.name,
@@ -75,11 +111,27 @@ class WandbTracker:
             payload.update({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()})
         self.run.log(payload, step=step)
 
+    def log_round(self, record: dict[str, Any], model_names: list[str]) -> None:
+        """One round's record: scalars, per-client values as ``key/client``, and a per-client table."""
+        flat = {k: v for k, v in record.items() if not isinstance(v, dict | list) and k != "round"}
+        flat.update(num_dropped=len(record.get("dropped", [])), num_failed=len(record.get("failed", [])))
+        per_client = {k: v for k, v in record.items() if isinstance(v, dict)}
+        for key, values in per_client.items():
+            flat.update({f"{key}/{k}": v for k, v in values.items()})
+        tables = {}
+        if "client_acc" in per_client:
+            columns = ["client", "model", *per_client]
+            ids = sorted(per_client["client_acc"], key=int)
+            rows = [[int(k), model_names[int(k)], *(per_client[c].get(k) for c in per_client)] for k in ids]
+            tables["clients"] = (columns, rows)
+        self.log(flat, step=record["round"], tables=tables)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(values)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run; a non-zero ``exit_code`` marks it failed (or interrupted) in W&B."""
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
             self.run = None

@@ -47,7 +47,7 @@ def federation(alg: Algorithm, tmp_path, zoo=HETERO, rounds=2) -> Federation:
     data.setup(0)
     cfg = FederationConfig(rounds=rounds, local_epochs=2, run_dir=str(tmp_path))
     fed = Federation(cfg, data, ClientConfig(zoo=zoo, lr=0.02), alg, seed=0, trainer_kwargs={"accelerator": "cpu"})
-    fed.run_dir.create()
+    fed.run_dir.acquire()
     return fed
 
 

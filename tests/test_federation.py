@@ -4,10 +4,12 @@ from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientConfig, PFedMoE, Standalone
 from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
 from fedmoe_pl.federation import Federation, FederationConfig, clients_per_round, sample_clients
+from fedmoe_pl.tracking import WandbTracker
 
 
-class RecordingTracker:
+class RecordingTracker(WandbTracker):
     def __init__(self) -> None:
+        self.run = None
         self.calls: list[tuple[dict, int, dict]] = []
 
     def log(self, metrics, step, tables=None) -> None:
@@ -21,7 +23,7 @@ def small_federation(tmp_path, algorithm, num_clients=4, participation=1.0, roun
     data.setup(0)
     cfg = FederationConfig(rounds=rounds, participation=participation, eval_every=eval_every, run_dir=str(tmp_path))
     fed = Federation(cfg, data, ClientConfig(zoo=["cnn5"]), algorithm, seed=3, trainer_kwargs={"accelerator": "cpu"})
-    fed.run_dir.create()
+    fed.run_dir.acquire()
     return fed
 
 

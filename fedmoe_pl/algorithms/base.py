@@ -8,6 +8,7 @@ it needs no knowledge of any particular method.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +48,12 @@ class ClientConfig:
             raise ValueError("client.zoo is empty; list at least one model, e.g. [cnn1]")
         for spec in self.zoo:
             check_model_spec(spec)
-        if self.lr <= 0:
-            raise ValueError(f"client.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"client.lr must be a positive number, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"client.{name} must be a non-negative number, got {value}")
 
     def model_for(self, client_id: int) -> ModelSpec:
         return self.zoo[client_id % len(self.zoo)]

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
+import pickle
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +82,49 @@ class _TorchvisionSource(Source):
             f"{str(self.root / self.folder)!r}."
         )
 
+    def _damaged(self, err: BaseException) -> ValueError:
+        return ValueError(
+            f"{self.name} under {str(self.root / self.folder)!r} cannot be read ({type(err).__name__}: {err}); "
+            f"a file there is truncated or damaged. Delete {str(self.root / self.folder)!r} and fetch the data again"
+        )
+
+    @contextmanager
+    def _preparing(self) -> Iterator[None]:
+        """Hold the data root's lock while files may be written (a download, an unpacking).
+
+        Runs that start together on one data root (a job array) then prepare the files once; the
+        others wait and read what the first one wrote. Reading files already in place takes no lock,
+        so a read-only data root works.
+        """
+        if not self._needs_writing():
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / f".{self.name}.lock"):
+            yield
+
+    def _needs_writing(self) -> bool:
+        return self.download
+
+    def _prepare(self) -> None:
+        """Put files in place before torchvision reads them (under the data root's lock if writing)."""
+
     def _to_tensors(self, ds) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
         data = torch.as_tensor(np.asarray(ds.data))
         images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
         return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
 
     def load(self) -> SourceData:
-        try:
-            train, test = self._dataset(True), self._dataset(False)
-        except RuntimeError as err:
-            if "download=True" not in str(err):
-                raise
-            raise _missing(self.name, self.root, self._how_to_get()) from err
+        with self._preparing():
+            self._prepare()
+            try:
+                train, test = self._dataset(True), self._dataset(False)
+            except RuntimeError as err:
+                if "download=True" not in str(err):
+                    raise self._damaged(err) from err
+                raise _missing(self.name, self.root, self._how_to_get()) from err
+            except (OSError, EOFError, ValueError, IndexError, pickle.UnpicklingError) as err:
+                raise self._damaged(err) from err
         train_x, train_y = self._to_tensors(train)
         test_x, test_y = self._to_tensors(test)
         return SourceData(train_x, train_y, test_x, test_y, len(train.classes), identity=self.name.lower())
@@ -154,24 +190,35 @@ class FashionMNIST(_TorchvisionSource):
             f"{str(self.root / self.folder)!r}."
         )
 
-    def _adopt_system_files(self) -> None:
+    def _needs_writing(self) -> bool:
+        return self.download or not all((self.root / self.folder / f).exists() for f in self.files)
+
+    def _prepare(self) -> None:
         raw = self.root / self.folder
         if self.download or all((raw / f).exists() for f in self.files):
-            return
+            return  # also when another run unpacked them while this one waited for the lock
         if not all((self.system_dir / f"{f}.gz").exists() for f in self.files):
             return
         log.warning("Fashion-MNIST: using the system package's files from %s", self.system_dir)
         raw.mkdir(parents=True, exist_ok=True)
         for f in self.files:
-            tmp = raw / f"{f}.partial"
-            with gzip.open(self.system_dir / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            if (raw / f).exists():
+                continue
+            tmp = raw / f"{f}.partial-{os.getpid()}"
+            try:
+                with gzip.open(self.system_dir / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as err:
+                tmp.unlink(missing_ok=True)
+                raise ValueError(
+                    f"{str(self.system_dir / f'{f}.gz')!r} cannot be unpacked ({type(err).__name__}: {err}); it is "
+                    "truncated or damaged: reinstall the dataset-fashion-mnist package"
+                ) from err
             tmp.replace(raw / f)
 
     def _dataset(self, train: bool):  # type: ignore[no-untyped-def]
         from torchvision.datasets import FashionMNIST as TV
 
-        self._adopt_system_files()
         return TV(str(self.root), train=train, download=self.download)
 
 

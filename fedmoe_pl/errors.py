@@ -1,0 +1,47 @@
+"""Why a run stopped: errors the user can act on, and interruptions by a signal.
+
+The command line turns each into one line on stderr and an exit code: 2 for a configuration
+refused before training, 1 for a :class:`RunError` during training, ``128 + N`` for signal N.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason the user can act on; the message says what happened and what to do."""
+
+
+class ClientFailure(RunError):
+    """A client's local fit raised, or produced a non-finite loss, in a given round."""
+
+    def __init__(self, client_id: int, round_: int, cause: BaseException) -> None:
+        self.client_id, self.round, self.cause = client_id, round_, cause
+        super().__init__(
+            f"client {client_id} failed in round {round_}: {type(cause).__name__}: {cause}. "
+            "Set federation.on_client_error: drop to leave a failing client out of its round, "
+            "or fix the cause and continue with --resume"
+        )
+
+
+class Interrupted(BaseException):
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) ended the run before its last round.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that ``except Exception`` (a client error
+    contained by ``on_client_error: drop``) never swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.round = 0  # the last completed round, filled in by whoever knows it
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by signal N."""
+        return 128 + self.signum

@@ -1,0 +1,84 @@
+"""Who trains when, and with which randomness: pure functions of the run's seed and the round.
+
+Each purpose draws from its own ``SeedSequence`` stream, so changing one (say, the dropout rate)
+leaves the others (client sampling, the batches of each local fit) exactly as they were, and every
+method sees the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+# SeedSequence keys: independent random streams of a run (1 is the data partition's).
+SAMPLING_STREAM, TRAINING_STREAM, DROPOUT_STREAM = 2, 3, 4
+
+
+@dataclass
+class FederationConfig:
+    """The federation's schedule and where it writes.
+
+    Args:
+        rounds: communication rounds T (paper: 500).
+        participation: C, the fraction of clients sampled each round, in (0, 1].
+        local_epochs: local epochs per round (paper grid: 1 or 10).
+        eval_every: evaluate every this many rounds (the last round is always evaluated).
+        eval_clients: evaluate ``all`` clients or only the round's ``sampled`` ones.
+        run_dir: the run directory.
+        on_client_error: when a client's local fit raises or its loss is not finite, ``stop`` the
+            run (the last checkpoint stays intact) or ``drop`` the client from that round: its
+            state is put back as it was before the fit, it uploads nothing, and the round's
+            metrics count it under ``failed``.
+        dropout: probability that a sampled client does not report in a round (a device that went
+            offline): drawn from the run's seed and the round, so every method sees the same
+            dropouts. The round aggregates the clients that did report.
+    """
+
+    rounds: int = 5
+    participation: float = 1.0
+    local_epochs: int = 1
+    eval_every: int = 1
+    eval_clients: Literal["all", "sampled"] = "all"
+    run_dir: str = "runs/default"
+    on_client_error: Literal["stop", "drop"] = "stop"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rounds <= 0:
+            raise ValueError(f"federation.rounds must be a positive number of rounds, got {self.rounds}")
+        if not 0 < self.participation <= 1:
+            raise ValueError(f"federation.participation (C) must lie in (0, 1], got {self.participation}")
+        if self.local_epochs <= 0 or self.eval_every <= 0:
+            raise ValueError(
+                f"federation.local_epochs ({self.local_epochs}) and eval_every ({self.eval_every}) must be positive"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"federation.dropout is a probability in [0, 1), got {self.dropout}")
+        if self.on_client_error not in ("stop", "drop"):
+            raise ValueError(f"federation.on_client_error must be 'stop' or 'drop', got {self.on_client_error!r}")
+
+
+def clients_per_round(participation: float, num_clients: int) -> int:
+    return max(1, math.ceil(round(participation * num_clients, 9)))
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+    """The clients of one round: a pure function of (seed, round), the same for every method."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, SAMPLING_STREAM, round_]))
+    return sorted(rng.choice(num_clients, per_round, replace=False).tolist())
+
+
+def dropped_clients(seed: int, round_: int, sampled: list[int], probability: float) -> set[int]:
+    """The sampled clients that do not report in one round: a pure function of (seed, round)."""
+    if probability == 0:
+        return set()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, DROPOUT_STREAM, round_]))
+    return {k for k, u in zip(sampled, rng.random(len(sampled))) if u < probability}
+
+
+def fit_seed(seed: int, round_: int, client: int) -> int:
+    """Seed of one local fit's shuffling and augmentation."""
+    return int(np.random.SeedSequence([seed, TRAINING_STREAM, round_, client]).generate_state(1)[0])
