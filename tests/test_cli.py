@@ -4,35 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_config
 
 from fedmoe_pl.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "methods")
 OVERLAYS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
-
-
-def tiny_config(tmp_path: Path, **federation) -> Path:
-    """3 clients with 2 classes each on synthetic 16x16 data, 2 rounds, heterogeneous zoo."""
-    cfg = {
-        "seed_everything": 7,
-        "data": {
-            "source": {
-                "class_path": "fedmoe_pl.data.Synthetic",
-                "init_args": {"num_classes": 6, "train_per_class": 40},
-            },
-            "partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
-            "num_clients": 3,
-            "batch_size": 16,
-        },
-        "client": {"zoo": ["cnn5", "cnn4", "cnn3"], "lr": 0.05},
-        "algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE", "init_args": {"gate_hidden": 16}},
-        "federation": {"rounds": 2, "run_dir": str(tmp_path / "run"), **federation},
-        "trainer": {"accelerator": "cpu"},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def parse(*argv: str):

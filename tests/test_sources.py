@@ -1,12 +1,11 @@
-import gzip
 import logging
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import write_idx
 
 from fedmoe_pl.data import CIFAR10, CIFAR100, FashionMNIST, FederatedDataModule, ImageFolder, Pathological
 from fedmoe_pl.data.sources import DEBIAN_FASHION_MNIST
@@ -55,20 +54,6 @@ def test_cifar_loads_through_torchvision_from_the_official_layout(tmp_path, no_m
 def test_missing_cifar_says_where_it_looked_and_how_to_get_it(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=rf"CIFAR10 was not found under data root '{tmp_path}'.*download: true"):
         CIFAR10(root=str(tmp_path)).load()
-
-
-def write_idx(folder: Path, n_train: int = 30, n_test: int = 10, compress: bool = False) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = struct.pack(">IIII", 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
-        labels = struct.pack(">II", 2049, n) + (np.arange(n) % 10).astype(np.uint8).tobytes()
-        for kind, blob in (("images-idx3", images), ("labels-idx1", labels)):
-            name = f"{prefix}-{kind}-ubyte"
-            if compress:
-                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
-            else:
-                (folder / name).write_bytes(blob)
 
 
 def test_fashion_mnist_reads_idx_files_under_the_root(tmp_path) -> None:

@@ -191,7 +191,10 @@ class FashionMNIST(_TorchvisionSource):
         )
 
     def _needs_writing(self) -> bool:
-        return self.download or not all((self.root / self.folder / f).exists() for f in self.files)
+        if self.download:
+            return True
+        unpacked = all((self.root / self.folder / f).exists() for f in self.files)
+        return not unpacked and all((self.system_dir / f"{f}.gz").exists() for f in self.files)
 
     def _prepare(self) -> None:
         raw = self.root / self.folder

@@ -1,0 +1,74 @@
+"""Small builders shared by the tests: configs and data files in the real on-disk formats."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+
+def tiny_config(tmp_path: Path, **federation: Any) -> Path:
+    """3 clients with 2 classes each on synthetic 16x16 data, 2 rounds, heterogeneous zoo."""
+    cfg = {
+        "seed_everything": 7,
+        "data": {
+            "source": {
+                "class_path": "fedmoe_pl.data.Synthetic",
+                "init_args": {"num_classes": 6, "train_per_class": 40},
+            },
+            "partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
+            "num_clients": 3,
+            "batch_size": 16,
+        },
+        "client": {"zoo": ["cnn5", "cnn4", "cnn3"], "lr": 0.05},
+        "algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE", "init_args": {"gate_hidden": 16}},
+        "federation": {"rounds": 2, "run_dir": str(tmp_path / "run"), **federation},
+        "trainer": {"accelerator": "cpu"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_idx(folder: Path, n_train: int = 30, n_test: int = 10, compress: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = struct.pack(">IIII", 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
+        labels = struct.pack(">II", 2049, n) + (np.arange(n) % 10).astype(np.uint8).tobytes()
+        for kind, blob in (("images-idx3", images), ("labels-idx1", labels)):
+            name = f"{prefix}-{kind}-ubyte"
+            if compress:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (folder / name).write_bytes(blob)
+
+
+def overlay(tmp_path: Path, name: str, values: dict[str, Any]) -> Path:
+    """A YAML overlay file, for a second ``--config``."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def fashion_overlay(tmp_path: Path, root: Path, system_dir: Path) -> Path:
+    """Use Fashion-MNIST (idx files from ``write_idx``) instead of the synthetic source."""
+    source = {
+        "class_path": "fedmoe_pl.data.FashionMNIST",
+        "init_args": {"root": str(root), "system_dir": str(system_dir)},
+    }
+    return overlay(tmp_path, "fashion", {"data": {"source": source, "batch_size": 32}})
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: to show a command changed nothing.
+
+    Empty lock files (``.lock``, ``.<dataset>.lock``) are left out: they carry nothing, and
+    deleting them on release would let two processes hold "the" lock on different files.
+    """
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock"))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}

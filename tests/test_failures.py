@@ -1,0 +1,290 @@
+"""Bad input and faults: each gets a one-line error naming the value and the fix, and loses nothing.
+
+The table holds the bad inputs: a new one is one line. Faults inside a run (a failing client, a
+non-finite loss, a full disk, a corrupt file) follow it as tests of their own.
+"""
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fashion_overlay, snapshot, tiny_config, write_idx
+
+from fedmoe_pl.cli import main
+from fedmoe_pl.federation import Federation
+
+
+def _garbage_checkpoint(tmp: Path) -> None:
+    (tmp / "old").mkdir()
+    (tmp / "old" / "last.ckpt").write_bytes(b"\x80\x04not a checkpoint at all")
+
+
+def _foreign_checkpoint(tmp: Path) -> None:
+    (tmp / "old").mkdir()
+    torch.save({"state_dict": {}, "epoch": 3}, tmp / "old" / "last.ckpt")
+
+
+def _truncated_idx(tmp: Path) -> None:
+    raw = tmp / "data" / "FashionMNIST" / "raw"
+    write_idx(raw, n_train=40)
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+
+
+def _truncated_system_gz(tmp: Path) -> None:
+    write_idx(tmp / "system", n_train=2000, compress=True)
+    gz = tmp / "system" / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:20000])
+
+
+def _fashion(tmp: Path) -> list[str]:
+    return ["--config", str(fashion_overlay(tmp, tmp / "data", tmp / "system"))]
+
+
+# (id, extra arguments, a set-up that makes the input bad, text the one-line error must hold)
+BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], Callable[[Path], None] | None, str]] = [
+    ("unknown model", lambda t: ["--client.zoo", "[cnn1, cnn7]"], None, "unknown model 'cnn7'"),
+    ("participation > 1", lambda t: ["--federation.participation", "1.5"], None, "got 1.5"),
+    ("participation 0", lambda t: ["--federation.participation", "0"], None, "participation (C) must lie in (0, 1]"),
+    ("zero rounds", lambda t: ["--federation.rounds", "0"], None, "federation.rounds must be a positive"),
+    ("nan lr", lambda t: ["--client.lr", ".nan"], None, "client.lr must be a positive number, got nan"),
+    ("inf lr", lambda t: ["--client.lr", ".inf"], None, "client.lr must be a positive number, got inf"),
+    ("negative momentum", lambda t: ["--client.momentum", "-0.5"], None, "client.momentum must be a non-negative"),
+    ("dropout 1", lambda t: ["--federation.dropout", "1"], None, "federation.dropout is a probability in [0, 1)"),
+    ("on_client_error typo", lambda t: ["--federation.on_client_error", "skip"], None, "on_client_error"),
+    ("abbreviated flag", lambda t: ["--federation.round", "1"], None, "unrecognized arguments: --federation.round"),
+    ("accelerator that does not exist", lambda t: ["--trainer.accelerator", "tpu"], None, "--trainer.accelerator auto"),
+    ("no such checkpoint", lambda t: ["--resume", str(t / "nothing")], None, "no checkpoint at"),
+    ("corrupt checkpoint", lambda t: ["--resume", str(t / "old")], _garbage_checkpoint, "it is damaged"),
+    ("foreign checkpoint", lambda t: ["--resume", str(t / "old")], _foreign_checkpoint, "not a fedmoe-pl checkpoint"),
+    ("missing dataset", _fashion, None, "FashionMNIST was not found under data root"),
+    ("truncated dataset file", _fashion, _truncated_idx, "truncated or damaged"),
+    ("truncated system package file", _fashion, _truncated_system_gz, "cannot be unpacked"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append(("gpu on a machine without one", lambda t: ["--trainer.accelerator", "gpu"], None, "cannot run"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "prepare", "message"), [row[1:] for row in BAD_INPUTS], ids=[r[0] for r in BAD_INPUTS]
+)
+def test_bad_input_gets_a_one_line_error_and_changes_nothing(tmp_path, capsys, argv, prepare, message) -> None:
+    config = tiny_config(tmp_path)
+    if prepare is not None:
+        prepare(tmp_path)
+    args = argv(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert snapshot(tmp_path) == before  # no run directory, no stray or changed file
+    assert not list(tmp_path.rglob("*.partial*"))
+
+
+# -- run identity ---------------------------------------------------------------------------------
+
+
+def run_fit(*argv: str) -> None:
+    main(["fit", *argv])
+
+
+def test_resume_continues_the_directory_it_names_not_the_configs(tmp_path, capsys) -> None:
+    config = tiny_config(tmp_path, rounds=1)
+    run_fit("--config", str(config), "--federation.run_dir", str(tmp_path / "a"))
+    run_fit("--config", str(config), "--federation.run_dir", str(tmp_path / "b"))
+    b_before = snapshot(tmp_path / "b")
+    # The config names b; --resume names a: a is continued, b is not touched.
+    run_fit("--config", str(config), "--federation.run_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a"))
+    run_fit("--config", str(config), "--federation.rounds", "3", "--resume", str(tmp_path / "a" / "last.ckpt"))
+    assert snapshot(tmp_path / "b") == b_before
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["rounds"] == 3
+    assert "resuming the run in" in capsys.readouterr().err
+
+
+def test_a_refused_resume_changes_nothing_and_says_why(tmp_path, capsys) -> None:
+    config = tiny_config(tmp_path, rounds=2)
+    run_fit("--config", str(config))
+    run = tmp_path / "run"
+    before = snapshot(run)
+    for argv, message in (
+        (["--seed_everything", "8"], "seed_everything: 7 in the run, 8 now"),
+        (["--federation.rounds", "1"], "the run has completed 2 rounds, more than federation.rounds=1"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            run_fit("--config", str(config), "--resume", str(run), *argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        assert snapshot(run) == before
+
+
+# -- faults inside a round ------------------------------------------------------------------------
+
+
+def test_a_failing_client_is_named_with_its_cause_and_the_checkpoint_stays(tmp_path, capsys) -> None:
+    # A batch of one sample cannot be batch-normalized: 80 samples in batches of 79 leave one.
+    config = tiny_config(tmp_path, rounds=2)
+    argv = ["--config", str(config), "--data.batch_size", "79", "--algorithm.init_args.gate_norm", "batch"]
+    with pytest.raises(SystemExit) as exit_:
+        run_fit(*argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "client 0 failed in round 1: ValueError: Expected more than 1 value per channel" in err
+    assert "on_client_error: drop" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds"] == 0 and "ValueError" in summary["reason"]
+    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)["round"] == 0  # resumable
+
+
+def _fail_in_round_2(monkeypatch, client: int) -> dict[str, dict]:
+    """Make one client's local fit raise in round 2; return its state just before that fit."""
+    seen: dict[str, dict] = {}
+    original = Federation._local_fit
+
+    def local_fit(self: Federation, k: int, rnd: int) -> float:
+        if (k, rnd) == (client, 2):
+            seen["before"] = {key: v.clone() for key, v in self.clients[k].state_dict().items()}
+            original(self, k, rnd)  # trains (changes the state), then fails
+            raise RuntimeError("simulated device fault")
+        return original(self, k, rnd)
+
+    monkeypatch.setattr(Federation, "_local_fit", local_fit)
+    return seen
+
+
+def test_drop_leaves_a_failing_client_out_of_its_round(tmp_path, capsys, monkeypatch) -> None:
+    seen = _fail_in_round_2(monkeypatch, client=1)
+    config = tiny_config(tmp_path, rounds=2, on_client_error="drop")
+    run_fit("--config", str(config))
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["failed"] for m in metrics] == [[], [1]]
+    assert [m["reported"] for m in metrics] == [3, 2]
+    assert metrics[1]["total_failed"] == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_failed"] == 1
+    state = torch.load(run / "last.ckpt", weights_only=False)
+    client1 = state["clients"][1]
+    private = [k for k in seen["before"] if not k.startswith("moe.global_expert.")]
+    assert all(torch.equal(client1[k], seen["before"][k]) for k in private)  # put back as before the fit
+    # bytes up: two uploads in round 2 instead of three
+    assert metrics[1]["bytes_up"] * 3 == metrics[0]["bytes_up"] * 2
+
+
+def test_a_non_finite_loss_stops_naming_round_and_client_and_metrics_stay_strict_json(tmp_path, capsys) -> None:
+    config = tiny_config(tmp_path, rounds=3)
+    with pytest.raises(SystemExit) as exit_:
+        run_fit("--config", str(config), "--client.lr", "1e12")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "failed in round" in err and "FloatingPointError: the training loss is nan" in err
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    for name in ("metrics.jsonl", "summary.json"):
+        text = (tmp_path / "run" / name).read_text()
+        for line in text.splitlines() if name.endswith("l") else [text]:
+            json.loads(line, parse_constant=refuse)
+
+
+def test_dropout_is_seeded_and_the_round_aggregates_who_reported(tmp_path, capsys) -> None:
+    config = tiny_config(tmp_path, rounds=4, dropout=0.5)
+    run_fit("--config", str(config))
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    from fedmoe_pl.federation import dropped_clients
+
+    expected = [sorted(dropped_clients(7, r, [0, 1, 2], 0.5)) for r in range(1, 5)]
+    assert [m["dropped"] for m in metrics] == expected
+    assert any(expected) and not all(len(d) == 3 for d in expected)  # the seed gives a mixed picture
+    per_upload = max(m["bytes_up"] // max(m["reported"], 1) for m in metrics)
+    assert all(m["bytes_up"] == per_upload * (3 - len(m["dropped"])) for m in metrics)
+
+
+def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> None:
+    from fedmoe_pl.algorithms import ClientConfig, Standalone
+    from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
+    from fedmoe_pl.federation import FederationConfig
+
+    data = FederatedDataModule(Synthetic(num_classes=2, train_per_class=24, test_per_class=8), IID(), 3, batch_size=16)
+    data.setup(0)
+    empty = data.clients[2]
+    empty.test_images, empty.test_labels = empty.test_images[:0], empty.test_labels[:0]
+    cfg = FederationConfig(rounds=1, run_dir=str(tmp_path))
+    fed = Federation(cfg, data, ClientConfig(zoo=["cnn5"]), Standalone(), seed=0, trainer_kwargs={"accelerator": "cpu"})
+    fed.run_dir.acquire()
+    record = fed.run()[-1]
+    assert set(record["client_acc"]) == {"0", "1"}
+    assert record["mean_acc"] == pytest.approx((record["client_acc"]["0"] + record["client_acc"]["1"]) / 2)
+
+
+# -- the disk fills up ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing_round", [1, 2])
+def test_a_full_disk_leaves_no_stray_file_and_the_run_resumes_identically(
+    tmp_path, capsys, monkeypatch, failing_round
+) -> None:
+    import fedmoe_pl.rundir as rundir
+
+    config = tiny_config(tmp_path, rounds=3)
+    straight = tmp_path / "straight"
+    run_fit("--config", str(config), "--federation.run_dir", str(straight))
+
+    real_fsync, full = os.fsync, {"on": False}
+    real_save = rundir.RunDirectory.save_checkpoint
+
+    def save_checkpoint(self, state):  # the disk fills while this round's checkpoint is written
+        full["on"] = full["on"] or state["round"] == failing_round
+        real_save(self, state)
+
+    def fsync(fd: int) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(rundir.RunDirectory, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        run_fit("--config", str(config))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "No space left on device" in err and f"--resume {run}" in err
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert torch.load(run / "last.ckpt", weights_only=False)["round"] == failing_round - 1
+
+    monkeypatch.undo()
+    run_fit("--config", str(config), "--resume", str(run))
+    assert (run / "metrics.jsonl").read_text() != ""
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["client_acc"] for m in a] == [m["client_acc"] for m in b]
+    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]
+
+
+def test_a_damaged_system_archive_leaves_no_partial_file(tmp_path) -> None:
+    from fedmoe_pl.data import FashionMNIST
+
+    _truncated_system_gz(tmp_path)
+    with pytest.raises(ValueError, match="cannot be unpacked"):
+        FashionMNIST(root=str(tmp_path / "data"), system_dir=str(tmp_path / "system")).load()
+    assert not list((tmp_path / "data").rglob("*.partial*"))
+    assert not (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+# -- W&B without a network ------------------------------------------------------------------------
+
+
+def test_wandb_online_without_a_server_falls_back_to_offline(tmp_path, caplog, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    config = tiny_config(tmp_path, rounds=1)
+    run_fit("--config", str(config))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert "cannot be reached: logging offline" in caplog.text
