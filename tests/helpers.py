@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """
     files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock"))
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run directories hold the same results: per-round accuracies, losses and every client's state."""
+    import torch
+
+    ma, mb = ([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b))
+    assert [m["client_acc"] for m in ma] == [m["client_acc"] for m in mb]
+    assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
+    sa = torch.load(a / "last.ckpt", weights_only=False)
+    sb = torch.load(b / "last.ckpt", weights_only=False)
+    assert sa["round"] == sb["round"]
+    for ca, cb in zip(sa["clients"], sb["clients"]):
+        assert all(torch.equal(ca[k], cb[k]) for k in ca)

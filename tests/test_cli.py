@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import assert_same_run, tiny_config
 
 from fedmoe_pl.cli import build_parser, main
 
@@ -105,14 +105,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys) -> None:
     broken = tmp_path / "broken"
     run_fit(capsys, "--config", str(config), "--federation.run_dir", str(broken), "--federation.rounds", "1")
     run_fit(capsys, "--config", str(config), "--federation.run_dir", str(broken), "--resume", str(broken))
-    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (broken / "metrics.jsonl").read_text().splitlines()]
-    assert [m["client_acc"] for m in a] == [m["client_acc"] for m in b]
-    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]
-    sa = torch.load(straight / "last.ckpt", weights_only=False)
-    sb = torch.load(broken / "last.ckpt", weights_only=False)
-    for ca, cb in zip(sa["clients"], sb["clients"]):
-        assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    assert_same_run(straight, broken)
 
 
 def test_resume_with_a_result_changing_config_is_refused(tmp_path, capsys) -> None:

@@ -2,34 +2,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compare_writes_a_table_and_a_plot_for_every_method(tmp_path) -> None:
-    config = {
-        "data": {
-            "source": {
-                "class_path": "fedmoe_pl.data.Synthetic",
-                "init_args": {"num_classes": 4, "train_per_class": 24},
-            },
-            "partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
-            "num_clients": 2,
-            "batch_size": 16,
-        },
-        "client": {"zoo": ["cnn5"]},
-        "federation": {"rounds": 2},
-        "trainer": {"accelerator": "cpu"},
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    config = tiny_config(tmp_path, rounds=2)
     out = tmp_path / "cmp"
     subprocess.run(
         [
             sys.executable,
             str(ROOT / "experiments" / "compare.py"),
             "--config",
-            str(tmp_path / "tiny.yaml"),
+            str(config),
             "--methods",
             "pfedmoe",
             "standalone",

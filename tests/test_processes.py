@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fashion_overlay, overlay, tiny_config, write_idx
+from helpers import assert_same_run, fashion_overlay, overlay, tiny_config, write_idx
 
 from fedmoe_pl.cli import main
 from fedmoe_pl.errors import Interrupted
@@ -77,13 +77,7 @@ def test_sigterm_mid_round_exits_non_zero_and_the_resumed_run_equals_an_uninterr
     straight = tmp_path / "straight"
     main(["fit", *argv, "--federation.run_dir", str(straight)])
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
-    a, b = _metrics(straight), _metrics(run)
-    assert [m["client_acc"] for m in a] == [m["client_acc"] for m in b]
-    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]
-    sa = torch.load(straight / "last.ckpt", weights_only=False)
-    sb = torch.load(run / "last.ckpt", weights_only=False)
-    for ca, cb in zip(sa["clients"], sb["clients"]):
-        assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    assert_same_run(straight, run)
 
 
 @pytest.mark.slow
