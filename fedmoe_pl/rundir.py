@@ -87,8 +87,8 @@ class RunDirectory:
                 f"run directory {str(self.path)!r} is in use by another running process; wait for it to "
                 "end or choose another --federation.run_dir"
             ) from None
-        except OSError as err:
-            raise RunError(
+        except OSError as err:  # refused before any training: a configuration error
+            raise ValueError(
                 f"run directory {str(self.path)!r} cannot be written: {err.strerror or err}; fix its "
                 "permissions or choose another --federation.run_dir"
             ) from err

@@ -45,7 +45,7 @@ def _fashion(tmp: Path) -> list[str]:
     return ["--config", str(fashion_overlay(tmp, tmp / "data", tmp / "system"))]
 
 
-# (id, extra arguments, a set-up that makes the input bad, text the one-line error must hold)
+# (id, extra arguments, a set-up that makes the input bad, text the one-line error must hold); exit code 2
 BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], Callable[[Path], None] | None, str]] = [
     ("unknown model", lambda t: ["--client.zoo", "[cnn1, cnn7]"], None, "unknown model 'cnn7'"),
     ("participation > 1", lambda t: ["--federation.participation", "1.5"], None, "got 1.5"),
@@ -64,6 +64,12 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], Callable[[Path], None] 
     ("missing dataset", _fashion, None, "FashionMNIST was not found under data root"),
     ("truncated dataset file", _fashion, _truncated_idx, "truncated or damaged"),
     ("truncated system package file", _fashion, _truncated_system_gz, "cannot be unpacked"),
+    (
+        "run directory that cannot be written",
+        lambda t: ["--federation.run_dir", str(t / "tiny.yaml" / "run")],
+        None,
+        "cannot be written",
+    ),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("gpu on a machine without one", lambda t: ["--trainer.accelerator", "gpu"], None, "cannot run"))
@@ -81,7 +87,7 @@ def test_bad_input_gets_a_one_line_error_and_changes_nothing(tmp_path, capsys, a
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(config), *args])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2
+    assert exit_.value.code == 2, err
     assert message in err
     assert "Traceback" not in err
     assert snapshot(tmp_path) == before  # no run directory, no stray or changed file
