@@ -20,7 +20,18 @@ import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import weighted_mean
 from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
-from fedmoe_pl.federation import Federation, fit_seed
+from fedmoe_pl.executor import SequentialExecutor
+from fedmoe_pl.federation import Federation, quiet_lightning
+from fedmoe_pl.rundir import RunDirectory
+from fedmoe_pl.schedule import fit_seed
+from fedmoe_pl.sinks import Checkpoint
+
+
+class RoundCheckpoint(Checkpoint):
+    """The checkpoint a real round writes after training (not the one before round 1)."""
+
+    def on_run_start(self, fed: Federation) -> None:
+        pass
 
 
 def plain_round(clients, data, seed: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -29,8 +40,9 @@ def plain_round(clients, data, seed: int) -> tuple[float, float]:  # type: ignor
     for k, client in enumerate(clients):
         shard = data.clients[k]
         shard.shuffle_seed = fit_seed(seed, 1, k)
+        cfg = client.config
         optimizer = torch.optim.SGD(
-            client.param_groups(), lr=client.lr, momentum=client.momentum, weight_decay=client.weight_decay
+            client.param_groups(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         client.train()
         for x, y in shard.train_batches():
@@ -58,6 +70,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    quiet_lightning()
     torch.set_num_threads(torch.get_num_threads())
     cli = build_parser()
     fed_times, plain_times = [], []
@@ -79,11 +92,24 @@ def main() -> None:
         exp = _experiment(sub, cfg.fit)
         torch.manual_seed(exp.seed)
         exp.data.setup(exp.seed)
-        fed = Federation(exp.federation, exp.data, exp.client, exp.algorithm, exp.seed, exp.trainer)
-        fed.run_dir.acquire()
+        run_dir = RunDirectory(tmp)
+        run_dir.acquire()
+        executor = SequentialExecutor(exp.trainer)
+        fed = Federation(
+            exp.federation,
+            exp.data,
+            exp.client,
+            exp.algorithm,
+            exp.seed,
+            executor,
+            sinks=[RoundCheckpoint(run_dir, {})],
+        )
+        server = fed.algorithm
         for client in fed.clients:  # every client starts from the server's initial global expert
-            client.download(fed.global_payload)
+            client.download(server.global_payload)
+        server.held = [server.version] * len(fed.clients)
         initial = [copy.deepcopy(c.state_dict()) for c in fed.clients]
+        initial_server = copy.deepcopy(server.state_dict())
         steps = sum(len(d.train_dataloader()) for d in exp.data.clients)
         for repeat in range(args.repeats + 1):  # the first pair warms up caches and lazy imports
             plain_clients = [copy.deepcopy(c) for c in fed.clients]
@@ -92,9 +118,10 @@ def main() -> None:
             plain, plain_acc = plain_round(plain_clients, exp.data, exp.seed)
             for c, s in zip(fed.clients, initial):
                 c.load_state_dict(s)
-            fed.round, fed.version, fed.held_version = 0, 0, [0] * len(fed.clients)
+            server.load_state_dict(copy.deepcopy(initial_server))
+            fed.round, fed.final, fed.best = 0, None, None
             start = time.perf_counter()
-            fed_acc = fed.run()[-1]["mean_acc"]
+            fed_acc = fed.run()["final_mean_acc"]
             federation = time.perf_counter() - start
             if repeat:
                 plain_times.append(plain)

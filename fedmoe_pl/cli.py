@@ -19,7 +19,7 @@ from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.errors import Interrupted, RunError
 from fedmoe_pl.experiment import Experiment, fit
-from fedmoe_pl.federation import FederationConfig
+from fedmoe_pl.federation import FederationConfig, quiet_lightning
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.tracking import WandbConfig
 
@@ -117,6 +117,7 @@ def subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_lightning()
     parser = build_parser()
     cfg = parser.parse_args(argv)
     command = cfg.subcommand

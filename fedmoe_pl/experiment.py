@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import torch
 
-from fedmoe_pl.algorithms.base import Algorithm, ClientConfig
+from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.errors import Interrupted, RunError
+from fedmoe_pl.evaluation import Evaluator
+from fedmoe_pl.executor import SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.signals import StopSignals
+from fedmoe_pl.sinks import Checkpoint, MetricsFile, ProgressBar, SummaryFile, Wandb
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 
 log = logging.getLogger(__name__)
@@ -67,33 +70,15 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
 
 
-def summarize(fed: Federation, records: list[dict[str, Any]], fingerprint: str, status: str) -> dict[str, Any]:
-    """The run's ``summary.json``; ``status`` is ``completed``, ``interrupted`` or ``failed``."""
-    records = [r for r in records if r.get("mean_acc") is not None]
-    final = records[-1] if records else None
-    best = max(records, key=lambda r: r["mean_acc"]) if records else None
-    return {
-        "status": status,
-        "rounds": fed.round,
-        "rounds_planned": fed.cfg.rounds,
-        "final_mean_acc": final["mean_acc"] if final else None,
-        "final_weighted_acc": final["weighted_acc"] if final else None,
-        "best_mean_acc": best["mean_acc"] if best else None,
-        "best_round": best["round"] if best else None,
-        "total_bytes_up": fed.totals["bytes_up"],
-        "total_bytes_down": fed.totals["bytes_down"],
-        "total_dropped": fed.totals["dropped"],
-        "total_failed": fed.totals["failed"],
-        "wall_s": fed.totals["wall_s"],
-        "partition_fingerprint": fingerprint,
-        "clients": fed.client_table(final),
-    }
+def training_device(trainer: dict[str, Any]) -> torch.device:
+    """The device the local fits will use, resolved once by Lightning from the Trainer settings.
 
-
-def check_trainer(trainer: dict[str, Any]) -> None:
-    """Build a throwaway Trainer, so that an accelerator this machine lacks is refused before anything is written."""
+    Building a throwaway Trainer also refuses an accelerator this machine lacks before anything
+    is written.
+    """
     try:
-        L.Trainer(**trainer, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        probe = L.Trainer(**trainer, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        return probe.strategy.root_device
     except Exception as err:
         raise ValueError(
             f"the trainer settings {trainer} cannot run on this machine: {err}. "
@@ -107,7 +92,7 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
     Everything that can refuse the command is checked before the run directory is touched.
     """
     exp.algorithm.check(exp.client)
-    check_trainer(exp.trainer)
+    device = training_device(exp.trainer)
     run_dir = RunDirectory(exp.federation.run_dir)
     if resume is not None and RunDirectory.locate(resume).resolve() != run_dir.path.resolve():
         raise ValueError(
@@ -145,53 +130,41 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
     try:
         if resume is None and run_dir.holds_run():  # a run that started meanwhile, before the lock
             raise ValueError(f"run directory {str(run_dir.path)!r} already holds a run started by another process")
-        return _train(exp, run_dir, checkpoint, wanted)
+        return _train(exp, run_dir, checkpoint, wanted, device)
     finally:
         run_dir.release()
 
 
-def _train(exp: Experiment, run_dir: RunDirectory, checkpoint: dict[str, Any] | None, wanted: dict[str, Any]) -> Any:
+def _train(
+    exp: Experiment, run_dir: RunDirectory, checkpoint: dict[str, Any] | None, wanted: dict[str, Any], device: Any
+) -> dict[str, Any]:
     run_dir.write_text("config.yaml", exp.config_yaml)
     partition = exp.data.report()
     run_dir.write_json("partition.json", partition)
     tracker = WandbTracker(exp.wandb, run_dir.path, exp.config, checkpoint["meta"]["wandb_id"] if checkpoint else None)
-    fed = Federation(
-        exp.federation, exp.data, exp.client, exp.algorithm, exp.seed, exp.trainer, tracker=tracker, run_dir=run_dir
+    classes = range(partition["num_classes"])
+    table = (
+        ["client", *map(str, classes)],
+        [[c["id"], *(c["train"].get(str(k), 0) for k in classes)] for c in partition["clients"]],
     )
-    fed.meta = {"result_config": wanted, "fingerprint": exp.data.fingerprint, "wandb_id": tracker.run_id}
+    meta = {"result_config": wanted, "fingerprint": exp.data.fingerprint, "wandb_id": tracker.run_id}
+    fed = Federation(
+        exp.federation,
+        exp.data,
+        exp.client,
+        exp.algorithm,
+        exp.seed,
+        executor=SequentialExecutor(exp.trainer),
+        evaluator=Evaluator(device),
+        sinks=[
+            MetricsFile(run_dir),
+            Checkpoint(run_dir, meta),
+            Wandb(tracker, table),
+            ProgressBar(),
+            SummaryFile(run_dir),
+        ],
+    )
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
-    run_dir.truncate_metrics(fed.round)  # lines written after the last checkpoint are redone
-    if checkpoint is None:
-        rows = [
-            [c["id"], *(c["train"].get(str(k), 0) for k in range(partition["num_classes"]))]
-            for c in partition["clients"]
-        ]
-        tracker.log({}, step=0, tables={"partition": (["client", *map(str, range(partition["num_classes"]))], rows)})
-        run_dir.save_checkpoint(fed.state_dict())  # round 0: from now on the run can always be resumed
-    status, reason = "failed", None
     with StopSignals() as signals:
-        try:
-            fed.run(signals)
-            status = "completed"
-        except Interrupted as stop:
-            stop.round, status, reason = fed.round, "interrupted", stop.name
-            raise
-        except BaseException as err:
-            reason = f"{type(err).__name__}: {err}"
-            raise
-        finally:
-            summary = summarize(fed, run_dir.read_metrics(), exp.data.fingerprint, status)
-            summary["reason"] = reason
-            _close(run_dir, tracker, summary)
-    return summary
-
-
-def _close(run_dir: RunDirectory, tracker: WandbTracker, summary: dict[str, Any]) -> None:
-    """Write the summary and end the W&B run; a failure here must not hide why the run ended."""
-    try:
-        run_dir.write_json("summary.json", summary)
-    except RunError as err:
-        log.error("%s", err)
-    tracker.summary({k: v for k, v in summary.items() if k != "clients"})
-    tracker.finish(exit_code=0 if summary["status"] == "completed" else 1)
+        return fed.run(signals)

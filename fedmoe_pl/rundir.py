@@ -20,7 +20,7 @@ from filelock import FileLock, Timeout
 from fedmoe_pl.errors import RunError
 
 CHECKPOINT = "last.ckpt"
-CHECKPOINT_KEYS = ("round", "schedule", "clients", "global", "meta", "rng")
+CHECKPOINT_KEYS = ("format", "round", "schedule", "clients", "server", "meta", "rng")
 
 
 def _write_failed(path: Path, err: OSError) -> RunError:
@@ -157,6 +157,11 @@ class RunDirectory:
                 f"checkpoint {str(file)!r} cannot be read ({type(err).__name__}: {err}); it is damaged. "
                 "Start a new run (another --federation.run_dir)"
             ) from err
+        if missing and "meta" in state:
+            raise ValueError(
+                f"checkpoint {str(file)!r} was written by an earlier fedmoe-pl (it lacks {missing}); "
+                "finish that run with the version that started it, or start a new run"
+            )
         if missing:
             raise ValueError(
                 f"{str(file)!r} is not a fedmoe-pl checkpoint (it lacks {missing}); --resume takes the "

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 
 # SeedSequence keys: independent random streams of a run (1 is the data partition's).
-SAMPLING_STREAM, TRAINING_STREAM, DROPOUT_STREAM = 2, 3, 4
+SAMPLING_STREAM, TRAINING_STREAM, DROPOUT_STREAM, SERVER_STREAM = 2, 3, 4, 5
 
 
 @dataclass

@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import (
@@ -9,60 +12,70 @@ from fedmoe_pl.algorithms import (
     ClassStats,
     ClientConfig,
     ClientContext,
+    ClientResult,
     FedAPEN,
     FedAvg,
     FedGH,
     FedKD,
     FedProto,
     LGFedAvg,
-    PFedMoE,
     Standalone,
     svd_compress,
     svd_restore,
 )
+from fedmoe_pl.cli import build_parser, subcommand_parser
 from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
 from fedmoe_pl.federation import Federation, FederationConfig
+from fedmoe_pl.sinks import Sink
 
 HETERO = ["cnn5", "cnn4", "cnn3"]
-METHODS = {
-    "pfedmoe": PFedMoE(gate_hidden=16),
-    "standalone": Standalone(),
-    "fedavg": FedAvg(),
-    "lg_fedavg": LGFedAvg(),
-    "fedgh": FedGH(),
-    "fd": FD(),
-    "fedproto": FedProto(),
-    "fml": FML(),
-    "fedkd": FedKD(svd_energy=0.95),
-    "fedapen": FedAPEN(),
-}
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAYS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))  # every shipped method
+EXTRA = {"fedkd": ["--algorithm.init_args.svd_energy", "0.95"]}  # exercise optional paths too
+
+
+def from_overlay(overlay: Path) -> tuple[Algorithm, list]:
+    """The overlay's algorithm and its zoo (the overlay's own, else a heterogeneous one)."""
+    parser = subcommand_parser(build_parser(), "fit")
+    init = parser.instantiate(parser.parse_args(["--config", str(overlay), *EXTRA.get(overlay.stem, [])]))
+    zoo = (yaml.safe_load(overlay.read_text()).get("client") or {}).get("zoo", HETERO)
+    return init.algorithm, zoo
 
 
 def client(alg: Algorithm, model: str = "cnn5", cid: int = 0, classes: int = 4):
     return alg.build_client(ClientContext(cid, model, 1, 16, classes, ClientConfig(zoo=[model])))
 
 
-def federation(alg: Algorithm, tmp_path, zoo=HETERO, rounds=2) -> Federation:
+def federation(alg: Algorithm, zoo=HETERO, rounds=2) -> Federation:
     data = FederatedDataModule(Synthetic(num_classes=3, train_per_class=90), IID(), 3, batch_size=16)
     data.setup(0)
-    cfg = FederationConfig(rounds=rounds, local_epochs=2, run_dir=str(tmp_path))
-    fed = Federation(cfg, data, ClientConfig(zoo=zoo, lr=0.02), alg, seed=0, trainer_kwargs={"accelerator": "cpu"})
-    fed.run_dir.acquire()
-    return fed
+    cfg = FederationConfig(rounds=rounds, local_epochs=2)
+    return Federation(cfg, data, ClientConfig(zoo=zoo, lr=0.02), alg, seed=0)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_two_round_federation_runs_and_counts_what_is_sent(name, tmp_path) -> None:
-    alg = METHODS[name]
-    zoo = ["cnn5"] if name == "fedavg" else HETERO
-    fed = federation(alg, tmp_path, zoo)
+class Records(Sink):
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def on_round_end(self, fed, record) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_two_round_federation_runs_and_counts_what_is_sent(overlay) -> None:
+    name = overlay.stem
+    alg, zoo = from_overlay(overlay)
+    fed = federation(alg, zoo)
     sizes = []
     original_upload = [c.upload for c in fed.clients]
     for c, up in zip(fed.clients, original_upload):
         c.upload = lambda up=up: (sizes.append(payload_bytes(p := up())), p)[1]  # type: ignore[method-assign]
-    records = fed.run()
+    sink = Records()
+    fed.sinks.append(sink)
+    fed.run()
+    records = sink.records
     assert [r["round"] for r in records] == [1, 2]
-    assert fed.totals["bytes_up"] == sum(sizes)
+    assert fed.totals["bytes_up"] == sum(sizes) and len(sizes) == 6  # 3 clients x 2 rounds
     if name == "standalone":
         assert fed.totals["bytes_up"] == fed.totals["bytes_down"] == 0
     else:
@@ -87,7 +100,7 @@ def test_fedavg_shares_the_whole_model() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
-def test_lg_fedavg_shares_only_the_header() -> None:
+def test_lg_fedavg_shares_only_the_head() -> None:
     a, b = client(LGFedAvg(), "cnn1"), client(LGFedAvg(), "cnn3")
     assert set(a.upload()) == {"weight", "bias"}
     before = {k: v.clone() for k, v in b.model.extractor.state_dict().items()}
@@ -104,22 +117,37 @@ def test_class_stats_are_per_class_means_by_hand() -> None:
     assert payload["counts"].tolist() == [2, 0, 1]
 
 
-def test_fedgh_server_trains_the_global_header_on_uploaded_representations() -> None:
+def test_fedgh_server_trains_the_global_head_on_uploaded_representations() -> None:
     alg = FedGH(server_lr=0.5, server_epochs=20)
     c = client(alg, classes=2)
-    start = alg.initial_global([c])
+    alg.start([c], seed=0, rounds=1)
     reps = torch.zeros(2, 500)
     reps[0, :10], reps[1, 10:20] = 1.0, 1.0  # two separable class representations
     uploads = [
         {"means": reps[:1].clone().repeat(2, 1) * torch.tensor([[1.0], [0.0]]), "counts": torch.tensor([5, 0])},
         {"means": reps.clone(), "counts": torch.tensor([3, 4])},
     ]
-    header = alg.aggregate(uploads, [5, 7], start)
-    assert header.keys() == {"weight", "bias"}
-    logits = reps @ header["weight"].T + header["bias"]
+    sent = alg.aggregate(1, [ClientResult(0, uploads[0], 5), ClientResult(0, uploads[1], 7)])
+    head = sent[0].payload
+    assert head is not None and head.keys() == {"weight", "bias"}
+    logits = reps @ head["weight"].T + head["bias"]
     assert logits.argmax(1).tolist() == [0, 1]
-    c.download(header)
-    assert torch.equal(c.model.head.weight, header["weight"])
+    c.download(head)
+    assert torch.equal(c.model.head.weight, head["weight"])
+
+
+def test_fedgh_server_order_comes_from_the_runs_seed_and_the_round() -> None:
+    def head_after(seed: int, round_: int) -> torch.Tensor:
+        torch.manual_seed(0)  # the same initial head every time
+        alg = FedGH(server_lr=0.5)
+        alg.start([client(alg, classes=3)], seed=seed, rounds=5)
+        reps = torch.eye(3, 500)
+        upload = {"means": reps, "counts": torch.tensor([1, 1, 1])}
+        return alg.combine(round_, [ClientResult(0, upload, 3)])["weight"]
+
+    assert torch.equal(head_after(0, 2), head_after(0, 2))  # a resumed run repeats it
+    assert not torch.equal(head_after(0, 2), head_after(1, 2))
+    assert not torch.equal(head_after(0, 2), head_after(0, 3))
 
 
 def test_fd_distils_toward_the_global_distribution_of_each_class() -> None:
@@ -180,12 +208,25 @@ def test_svd_compression_is_exact_for_low_rank_and_smaller_on_the_wire() -> None
 def test_fedkd_uploads_compressed_and_restores_on_download() -> None:
     alg = FedKD(svd_energy=0.9)
     a, b = client(alg, "cnn1"), client(alg, "cnn2")
+    alg.start([a, b], seed=0, rounds=3)
+    for cid, instruction in alg.configure(1, [0, 1]).items():
+        [a, b][cid].configure_round(**instruction.settings)
     up = a.upload()
     assert any(k.endswith("::U") for k in up)
     assert payload_bytes(up) < payload_bytes({k: v for k, v in a.shared.state_dict().items()})
-    merged = alg.aggregate([up, b.upload()], [1, 1], up)
+    merged = alg.combine(1, [ClientResult(0, up, 1), ClientResult(1, b.upload(), 1)])
     b.download(merged)
     assert b.shared.state_dict().keys() == a.shared.state_dict().keys()
+
+
+def test_fedkd_energy_grows_from_start_to_end_over_the_run() -> None:
+    alg = FedKD(svd_energy=0.95, svd_energy_end=0.98)
+    alg.start([client(alg)], seed=0, rounds=4)
+    assert [alg.energy(r) for r in (1, 2, 3, 4)] == pytest.approx([0.95, 0.96, 0.97, 0.98])
+    assert alg.configure(3, [0])[0].settings == {"energy": pytest.approx(0.97)}
+    alg_off = FedKD()
+    alg_off.start([client(alg_off)], seed=0, rounds=4)
+    assert alg_off.energy(2) is None
 
 
 def test_fedapen_predicts_with_the_learned_ensemble_weight() -> None:

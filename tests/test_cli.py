@@ -70,10 +70,13 @@ def test_end_to_end_three_clients_two_rounds(tmp_path, capsys, monkeypatch) -> N
         for c in state["clients"]
     ]
     for g in globals_:  # identical on every client after the broadcast, and equal to the server's
-        assert g.keys() == state["global"].keys()
-        assert all(torch.equal(g[k], state["global"][k]) for k in g)
-    assert any(not torch.equal(state["global"][k], after_one["global"][k]) for k in state["global"])
-    local = [c["moe.header.weight"] for c in state["clients"]]
+        assert g.keys() == state["server"]["global"].keys()
+        assert all(torch.equal(g[k], state["server"]["global"][k]) for k in g)
+    assert any(
+        not torch.equal(state["server"]["global"][k], after_one["server"]["global"][k])
+        for k in state["server"]["global"]
+    )
+    local = [c["moe.head.weight"] for c in state["clients"]]
     assert not torch.equal(local[0], local[1])
 
     summary = json.loads((run / "summary.json").read_text())

@@ -15,6 +15,7 @@ import torch
 from helpers import assert_same_run, fashion_overlay, snapshot, tiny_config, write_idx
 
 from fedmoe_pl.cli import main
+from fedmoe_pl.executor import FitJob, SequentialExecutor
 from fedmoe_pl.federation import Federation
 
 
@@ -150,16 +151,18 @@ def test_a_failing_client_is_named_with_its_cause_and_the_checkpoint_stays(tmp_p
 def _fail_in_round_2(monkeypatch, client: int) -> dict[str, dict]:
     """Make one client's local fit raise in round 2; return its state just before that fit."""
     seen: dict[str, dict] = {}
-    original = Federation._local_fit
+    original = SequentialExecutor._fit_one
+    fits = {"n": 0}
 
-    def local_fit(self: Federation, k: int, rnd: int) -> float:
-        if (k, rnd) == (client, 2):
-            seen["before"] = {key: v.clone() for key, v in self.clients[k].state_dict().items()}
-            original(self, k, rnd)  # trains (changes the state), then fails
+    def fit_one(self: SequentialExecutor, job: FitJob) -> float:
+        fits["n"] += 1  # 3 clients per round: the 5th fit is client 1's in round 2
+        if (job.client.client_id, fits["n"]) == (client, 3 + client + 1):
+            seen["before"] = {key: v.clone() for key, v in job.client.state_dict().items()}
+            original(self, job)  # trains (changes the state), then fails
             raise RuntimeError("simulated device fault")
-        return original(self, k, rnd)
+        return original(self, job)
 
-    monkeypatch.setattr(Federation, "_local_fit", local_fit)
+    monkeypatch.setattr(SequentialExecutor, "_fit_one", fit_one)
     return seen
 
 
@@ -222,10 +225,10 @@ def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> Non
     empty = data.clients[2]
     empty.test_images, empty.test_labels = empty.test_images[:0], empty.test_labels[:0]
     cfg = FederationConfig(rounds=1, run_dir=str(tmp_path))
-    fed = Federation(cfg, data, ClientConfig(zoo=["cnn5"]), Standalone(), seed=0, trainer_kwargs={"accelerator": "cpu"})
-    fed.run_dir.acquire()
-    record = fed.run()[-1]
-    assert set(record["client_acc"]) == {"0", "1"}
+    fed = Federation(cfg, data, ClientConfig(zoo=["cnn5"]), Standalone(), seed=0)
+    fed.run()
+    record = fed.final
+    assert record is not None and set(record["client_acc"]) == {"0", "1"}
     assert record["mean_acc"] == pytest.approx((record["client_acc"]["0"] + record["client_acc"]["1"]) / 2)
 
 

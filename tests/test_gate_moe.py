@@ -89,7 +89,7 @@ def test_mixture_mixes_the_two_representations_with_the_gate_weights() -> None:
     moe = client.moe.eval()
     x = torch.randn(3, 1, 16, 16)
     _, w = moe(x)
-    expected = moe.header(w[:, :1] * moe.global_expert(x) + w[:, 1:] * moe.local_expert(x))
+    expected = moe.head(w[:, :1] * moe.global_expert(x) + w[:, 1:] * moe.local_expert(x))
     torch.testing.assert_close(moe(x)[0], expected)
 
 
@@ -110,7 +110,7 @@ def test_one_optimizer_step_changes_all_four_parts() -> None:
     loss = client.training_loss(shard.eval_transform(x), y)
     loss.backward()
     optimizer.step()
-    assert set(before) == {"global_expert", "local_expert", "gate", "header"}
+    assert set(before) == {"global_expert", "local_expert", "gate", "head"}
     for name, part in client.moe.named_children():
         changed = [not torch.equal(a, b) for a, b in zip(before[name], part.parameters())]
         assert any(changed), f"{name} did not change"

@@ -29,7 +29,7 @@ def test_parameter_counts_match_the_paper_zoo(name: str, total: int, extractor: 
     assert count(model.extractor) == extractor
 
 
-def test_hundred_classes_only_grow_the_header() -> None:
+def test_hundred_classes_only_grow_the_head() -> None:
     for name in ZOO_SHAPES:
         ten, hundred = build_model(name, 3, 32, 10), build_model(name, 3, 32, 100)
         assert count(hundred) - count(ten) == 45_090

@@ -8,9 +8,9 @@ say so in the change.
 import json
 
 import pytest
+from helpers import tiny_config
 
 from fedmoe_pl.cli import main
-from helpers import tiny_config
 
 PINNED = [  # (train loss, client accuracies, mean gate weight on the global expert) per round
     (1.488678232828776, [0.775, 0.525, 0.5], [0.5571856498718262, 0.5233590602874756, 0.46507740020751953]),

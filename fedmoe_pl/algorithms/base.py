@@ -1,178 +1,65 @@
-"""The algorithm interface every method implements, and the client LightningModule they share.
+"""The round protocol: what the server of every method says to its clients, and what it hears back.
 
-A method is two small things: a :class:`FederatedClient` (a LightningModule holding the client's
-private parts, its loss, and what it sends and accepts) and an :class:`Algorithm` (how to build a
-client, and how the server combines uploads). The federation loop only calls these methods, so
-it needs no knowledge of any particular method.
+In the spirit of Flower's strategies, each round the loop asks the method's :class:`Algorithm`
+what to send to which sampled client (:meth:`Algorithm.configure`), has those clients trained,
+and hands it their results (:meth:`Algorithm.aggregate`), which update the server's state and say
+what goes back. Per-client downloads, schedules over rounds, and server randomness drawn from the
+run's seed and the round (:meth:`Algorithm.server_rng`) all live here, so the loop knows no method.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning as L
-import torch
-import torch.nn.functional as F
-import torchmetrics
-from torch import nn
+import numpy as np
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
-from fedmoe_pl.models import ModelSpec, check_model_spec
-
-DEFAULT_ZOO: list[ModelSpec] = ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
+from fedmoe_pl.algorithms.client import ClientConfig, ClientContext, FederatedClient
+from fedmoe_pl.schedule import SERVER_STREAM
 
 
 @dataclass
-class ClientConfig:
-    """Settings every client shares, whatever the method.
+class Instruction:
+    """What the server sends one client.
 
-    Args:
-        zoo: client models; client k gets ``zoo[k % len(zoo)]`` (a registered name or a
-            class_path/init_args mapping). The default is the paper's heterogeneous setting.
-        lr: SGD learning rate (paper setting 0.01).
-        momentum: SGD momentum (sibling code: 0.9).
-        weight_decay: SGD weight decay (sibling code: 1e-3).
+    Attributes:
+        payload: state the client applies with ``download`` (counted in ``bytes_down``), or none.
+        settings: per-round settings the client applies with ``configure_round`` (a few numbers,
+            not counted).
     """
 
-    zoo: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_ZOO))
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if not self.zoo:
-            raise ValueError("client.zoo is empty; list at least one model, e.g. [cnn1]")
-        for spec in self.zoo:
-            check_model_spec(spec)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"client.lr must be a positive number, got {self.lr}")
-        for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"client.{name} must be a non-negative number, got {value}")
-
-    def model_for(self, client_id: int) -> ModelSpec:
-        return self.zoo[client_id % len(self.zoo)]
-
-    @property
-    def homogeneous(self) -> bool:
-        return all(spec == self.zoo[0] for spec in self.zoo)
+    payload: Payload | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ClientContext:
-    """What a method needs to know to build client ``client_id``."""
+@dataclass
+class ClientResult:
+    """What one client reports after its local fit."""
 
     client_id: int
-    model: ModelSpec
-    in_channels: int
-    image_size: int
-    num_classes: int
-    config: ClientConfig
-
-
-class FederatedClient(L.LightningModule):
-    """Base LightningModule of a federated client: cross-entropy, SGD, accuracy, upload/download.
-
-    Subclasses implement :meth:`forward` and, where they share something, :meth:`upload` and
-    :meth:`download`. Per-client Trainers log nothing; the federation reads :attr:`train_loss`
-    and :meth:`evaluate` instead.
-    """
-
-    def __init__(self, num_classes: int, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
-        self._loss_sum = torch.zeros(())
-        self._loss_steps = 0
-
-    # -- what the method defines -------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x), y)
-
-    def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and per-sample diagnostics (for example gate weights) to average at evaluation."""
-        return self(x), {}
-
-    def upload(self) -> Payload:
-        """What this client sends to the server after local training."""
-        return {}
-
-    def download(self, payload: Payload) -> None:
-        """Apply what the server sent."""
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.parameters())}]
-
-    # -- Lightning hooks ------------------------------------------------------------------
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-
-    def on_train_epoch_start(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_steps = 0
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.training_loss(x, y)
-        self._loss_sum += loss.detach()  # summed on device: no host sync per step
-        self._loss_steps += 1
-        return loss
-
-    @property
-    def train_loss(self) -> float:
-        """Mean training loss of the last local epoch."""
-        return float(self._loss_sum) / max(self._loss_steps, 1)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val_acc", self.val_acc, on_epoch=True)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test_acc", self.test_acc, on_epoch=True)
-
-    # -- evaluation outside a Trainer ---------------------------------------------------
-
-    @torch.inference_mode()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Accuracy (and averaged diagnostics) over already-normalized batches."""
-        was_training = self.training
-        self.eval()
-        correct, seen = 0, 0
-        sums: dict[str, torch.Tensor] = {}
-        for x, y in batches:
-            logits, extras = self.predict_with_extras(x)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            for key, value in extras.items():
-                sums[key] = sums.get(key, 0) + value.sum()  # type: ignore[operator]
-        self.train(was_training)
-        out = {"acc": correct / max(seen, 1)}
-        out.update({key: float(v) / max(seen, 1) for key, v in sums.items()})
-        return out
-
-
-def state_payload(module: nn.Module) -> Payload:
-    """A module's state dict as a payload, detached from autograd and the module's storage."""
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    upload: Payload
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Algorithm(ABC):
-    """How one FL method builds clients and combines what they upload."""
+    """A federated method: how to build its clients, and the server's side of every round.
+
+    The constructor's arguments are the method's settings (``algorithm.init_args`` in YAML); a
+    client class that needs them is handed the algorithm and reads them there. The server's state
+    starts in :meth:`start` and is saved with every checkpoint through :meth:`state_dict`.
+
+    The default protocol serves one global payload: before a client trains, it gets the current
+    one unless it already holds it; the round's uploads are averaged by sample count
+    (:meth:`combine`) and the result goes back to the clients that reported.
+    """
+
+    seed: int
+    rounds: int
+    global_payload: Payload
 
     def check(self, clients: ClientConfig) -> None:  # noqa: B027 (optional hook)
         """Refuse settings the method cannot run in, before any data is loaded."""
@@ -181,13 +68,50 @@ class Algorithm(ABC):
     def build_client(self, ctx: ClientContext) -> FederatedClient:
         """Client ``ctx.client_id``'s module, freshly initialized."""
 
-    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
-        """The server's state before round 1, sent to each client before its first local fit.
+    # -- the server ---------------------------------------------------------------------------
 
-        Taking client 0's upload makes every client start from the same shared weights.
-        """
+    def start(self, clients: Sequence[FederatedClient], seed: int, rounds: int) -> None:
+        """Set up the server's state before round 1 of a run of ``rounds`` rounds."""
+        self.seed, self.rounds = seed, rounds
+        self.global_payload = self.initial_global(clients)
+        self.version = 0  # bumped at every aggregation
+        self.held = [-1] * len(clients)  # the version each client holds; -1: none yet
+
+    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
+        """The server's payload before round 1. Client 0's upload: every client starts from the same weights."""
         return clients[0].upload()
 
-    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
-        """Combine the round's uploads (sample-count weighted mean by default)."""
-        return weighted_mean(uploads, weights)
+    def configure(self, round_: int, client_ids: Sequence[int]) -> dict[int, Instruction]:
+        """What to send to each of the round's clients before its local fit (absent: nothing)."""
+        return self.catch_up(client_ids)
+
+    def aggregate(self, round_: int, results: Sequence[ClientResult]) -> dict[int, Instruction]:
+        """Fold the round's results into the server state; return what to send back now."""
+        if not results:  # nobody reported: the server keeps its state
+            return {}
+        self.global_payload = self.combine(round_, results)
+        self.version += 1
+        return self.catch_up([r.client_id for r in results])
+
+    def combine(self, round_: int, results: Sequence[ClientResult]) -> Payload:
+        """The new global payload from the round's results (sample-count weighted mean by default)."""
+        return weighted_mean([r.upload for r in results], [r.num_samples for r in results])
+
+    def catch_up(self, client_ids: Sequence[int]) -> dict[int, Instruction]:
+        """The current global payload for each listed client that does not hold it yet."""
+        out = {}
+        for client_id in client_ids:
+            if self.held[client_id] != self.version:
+                out[client_id] = Instruction(self.global_payload)
+                self.held[client_id] = self.version
+        return out
+
+    def server_rng(self, round_: int) -> np.random.Generator:
+        """The server's random stream for one round: a pure function of the run's seed and the round."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, SERVER_STREAM, round_]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global": self.global_payload, "version": self.version, "held": list(self.held)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_payload, self.version, self.held = state["global"], state["version"], list(state["held"])

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe_pl.algorithms.base import ClientContext, FederatedClient
-from fedmoe_pl.models import build_model
+from fedmoe_pl.algorithms.client import ClientContext, FederatedClient
 
 
 class ClassStats:
@@ -41,29 +40,18 @@ class ClassStats:
 
 
 class ModelClient(FederatedClient):
-    """A client whose whole system is one zoo model trained with cross-entropy.
+    """A client whose whole system is one zoo model trained with cross-entropy (Standalone).
 
     Args:
+        ctx: the client's id, data shape and SGD settings.
         model: the client's zoo model (``extractor`` + ``head``).
-        num_classes: number of classes.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
     """
 
     model: Any  # a zoo model: an nn.Module with the ZooModel attributes
 
-    def __init__(
-        self, model: nn.Module, num_classes: int, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3
-    ) -> None:
-        super().__init__(num_classes, lr, momentum, weight_decay)
+    def __init__(self, ctx: ClientContext, model: nn.Module) -> None:
+        super().__init__(ctx)
         self.model = model
-
-    @classmethod
-    def from_context(cls, ctx: ClientContext, **kwargs: object) -> ModelClient:
-        model = build_model(ctx.model, ctx.in_channels, ctx.image_size, ctx.num_classes)
-        cfg = ctx.config
-        return cls(model, ctx.num_classes, cfg.lr, cfg.momentum, cfg.weight_decay, **kwargs)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # type: ignore[no-any-return]
@@ -77,25 +65,27 @@ class StatsClient(ModelClient):
     """A ModelClient that gathers per-class statistics of its last local epoch while training.
 
     Gathering them in the training loop, as FedProto's reference code does, costs no second pass
-    over the data. Subclasses choose what to gather (``stat``) and add their regulariser.
+    over the data. Subclasses choose what to gather (:meth:`statistic`) and add a regulariser.
     """
 
-    stat = "features"  # or "logits"
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, ctx: ClientContext, model: nn.Module) -> None:
+        super().__init__(ctx, model)
         self.stats = ClassStats(self.num_classes)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.stats.reset()
 
+    def statistic(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The per-sample vector whose class means are uploaded: the representation by default."""
+        return features
+
     def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return features.new_zeros(())
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         features, logits = self.features_and_logits(x)
-        self.stats.add(features if self.stat == "features" else logits, y)
+        self.stats.add(self.statistic(features, logits), y)
         return F.cross_entropy(logits, y) + self.regulariser(features, logits, y)
 
     def upload(self) -> dict[str, torch.Tensor]:

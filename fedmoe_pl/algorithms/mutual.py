@@ -14,27 +14,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
-from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.base import Algorithm, ClientResult, Instruction
+from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
 from fedmoe_pl.algorithms.losses import kl
-from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
+from fedmoe_pl.models import ModelSpec, check_model_spec
 
 
 class MutualClient(FederatedClient):
-    """Private model + shared model; subclasses define the joint loss and the prediction."""
+    """Private model + shared model; subclasses define the joint loss and the prediction.
+
+    Args:
+        ctx: the client's id, data shape and SGD settings.
+        private: the client's own zoo model (used for prediction unless a subclass says otherwise).
+        shared: the client's copy of the small shared model.
+    """
 
     private: Any  # zoo models (nn.Module with the ZooModel attributes)
     shared: Any
 
-    def __init__(
-        self,
-        private: nn.Module,
-        shared: nn.Module,
-        num_classes: int,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        super().__init__(num_classes, lr, momentum, weight_decay)
+    def __init__(self, ctx: ClientContext, private: nn.Module, shared: nn.Module) -> None:
+        super().__init__(ctx)
         self.private, self.shared = private, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,46 +47,36 @@ class MutualClient(FederatedClient):
 
 
 class MutualAlgorithm(Algorithm):
-    """Builds (private, shared) pairs; averages the shared models by sample count."""
+    """Builds (private, shared) pairs; averages the shared models by sample count.
 
-    client_class: type[MutualClient] = MutualClient
+    Args:
+        shared_model: zoo model every client holds a copy of.
+    """
 
     def __init__(self, shared_model: ModelSpec = "cnn5") -> None:
         check_model_spec(shared_model)
         self.shared_model = shared_model
 
-    def client_kwargs(self) -> dict[str, object]:
-        return {}
-
-    def build_client(self, ctx: ClientContext) -> MutualClient:
-        dims = (ctx.in_channels, ctx.image_size, ctx.num_classes)
-        cfg = ctx.config
-        return self.client_class(
-            build_model(ctx.model, *dims),
-            build_model(self.shared_model, *dims),
-            ctx.num_classes,
-            cfg.lr,
-            cfg.momentum,
-            cfg.weight_decay,
-            **self.client_kwargs(),  # type: ignore[arg-type]
-        )
-
-    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
-        return weighted_mean(uploads, weights)
+    def models(self, ctx: ClientContext) -> tuple[nn.Module, nn.Module]:
+        """A client's (private, shared) pair."""
+        return ctx.build(), ctx.build(self.shared_model)
 
 
 # -- FML ----------------------------------------------------------------------------------------
 
 
 class FMLClient(MutualClient):
-    def __init__(self, *args: object, alpha: float = 0.5, beta: float = 0.5, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.alpha, self.beta = alpha, beta
+    """An FML client: private and meme model learn from the labels and from each other."""
+
+    def __init__(self, ctx: ClientContext, private: nn.Module, shared: nn.Module, method: FML) -> None:
+        super().__init__(ctx, private, shared)
+        self.method = method
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        alpha, beta = self.method.alpha, self.method.beta
         local, meme = self.private(x), self.shared(x)
-        local_loss = self.alpha * F.cross_entropy(local, y) + (1 - self.alpha) * kl(local, meme)
-        meme_loss = self.beta * F.cross_entropy(meme, y) + (1 - self.beta) * kl(meme, local)
+        local_loss = alpha * F.cross_entropy(local, y) + (1 - alpha) * kl(local, meme)
+        meme_loss = beta * F.cross_entropy(meme, y) + (1 - beta) * kl(meme, local)
         return local_loss + meme_loss
 
 
@@ -105,22 +94,22 @@ class FML(MutualAlgorithm):
         beta: CE weight of the meme model's loss.
     """
 
-    client_class = FMLClient
-
     def __init__(self, shared_model: ModelSpec = "cnn5", alpha: float = 0.5, beta: float = 0.5) -> None:
         super().__init__(shared_model)
         self.alpha, self.beta = alpha, beta
 
-    def client_kwargs(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "beta": self.beta}
+    def build_client(self, ctx: ClientContext) -> FMLClient:
+        return FMLClient(ctx, *self.models(ctx), self)
 
 
 # -- FedAPEN ------------------------------------------------------------------------------------
 
 
 class FedAPENClient(MutualClient):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    """A FedAPEN client: mutual learning plus a learned weight that mixes the two models' predictions."""
+
+    def __init__(self, ctx: ClientContext, private: nn.Module, shared: nn.Module) -> None:
+        super().__init__(ctx, private, shared)
         self.ensemble_logit = nn.Parameter(torch.zeros(()))  # sigmoid -> weight of the shared model
 
     @property
@@ -158,7 +147,8 @@ class FedAPEN(MutualAlgorithm):
         shared_model: zoo model used as the shared model.
     """
 
-    client_class = FedAPENClient
+    def build_client(self, ctx: ClientContext) -> FedAPENClient:
+        return FedAPENClient(ctx, *self.models(ctx))
 
 
 # -- FedKD --------------------------------------------------------------------------------------
@@ -200,8 +190,16 @@ def svd_restore(payload: Payload) -> Payload:
 
 
 class FedKDClient(MutualClient):
-    def __init__(self, *args: object, energy: float | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    """A FedKD client: the private teacher and the shared student distil into each other.
+
+    Uploads are SVD-compressed at the energy the server sets for the round (``configure_round``).
+    """
+
+    def __init__(self, ctx: ClientContext, private: nn.Module, shared: nn.Module) -> None:
+        super().__init__(ctx, private, shared)
+        self.energy: float | None = None
+
+    def configure_round(self, energy: float | None = None) -> None:  # type: ignore[override]
         self.energy = energy
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -226,31 +224,46 @@ class FedKDClient(MutualClient):
 class FedKD(MutualAlgorithm):
     """FedKD (Wu et al., Nature Communications 2022, arXiv 2108.13323).
 
-    Up: the shared student model, optionally SVD-compressed (``svd_energy``: keep the smallest rank
-    holding that share of each matrix's squared singular values; the paper anneals it from 0.95 to
-    0.98). Down: the sample-weighted average, compressed the same way. The private model is the
-    teacher. Both models minimise CE plus mutual KL and mutual hidden-state MSE; the two
-    distillation terms are divided by the sum of the two task losses (the paper's adaptive weight).
+    Up: the shared student model, optionally SVD-compressed: each matrix keeps the smallest rank
+    holding a share T of its squared singular values. As in the paper, T grows linearly over the
+    run, from ``svd_energy`` in round 1 to ``svd_energy_end`` in the last round (the paper: 0.95 to
+    0.98), so later, finer updates lose less. Down: the sample-weighted average, compressed at the
+    same round's T. The private model is the teacher. Both models minimise CE plus mutual KL and
+    mutual hidden-state MSE; the two distillation terms are divided by the sum of the two task
+    losses (the paper's adaptive weight).
 
     Args:
         shared_model: zoo model used as the shared student.
-        svd_energy: compress uploads and downloads; ``None`` sends full tensors.
+        svd_energy: T in round 1; ``None`` sends full tensors.
+        svd_energy_end: T in the last round; ``None`` keeps ``svd_energy`` throughout.
     """
 
-    client_class = FedKDClient
-
-    def __init__(self, shared_model: ModelSpec = "cnn5", svd_energy: float | None = None) -> None:
+    def __init__(
+        self, shared_model: ModelSpec = "cnn5", svd_energy: float | None = None, svd_energy_end: float | None = 0.98
+    ) -> None:
         super().__init__(shared_model)
-        if svd_energy is not None and not 0 < svd_energy <= 1:
-            raise ValueError(f"FedKD svd_energy={svd_energy} must lie in (0, 1], or be null to disable compression")
-        self.svd_energy = svd_energy
+        for name, value in (("svd_energy", svd_energy), ("svd_energy_end", svd_energy_end)):
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"FedKD {name}={value} must lie in (0, 1], or be null")
+        self.svd_energy, self.svd_energy_end = svd_energy, svd_energy_end
 
-    def client_kwargs(self) -> dict[str, object]:
-        return {"energy": self.svd_energy}
+    def build_client(self, ctx: ClientContext) -> FedKDClient:
+        return FedKDClient(ctx, *self.models(ctx))
 
-    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
-        merged = weighted_mean([svd_restore(u) for u in uploads], weights)
-        return merged if self.svd_energy is None else svd_compress(merged, self.svd_energy)
+    def energy(self, round_: int) -> float | None:
+        """T of one round: linear from ``svd_energy`` (round 1) to ``svd_energy_end`` (the last round)."""
+        if self.svd_energy is None or self.svd_energy_end is None:
+            return self.svd_energy
+        progress = (round_ - 1) / max(self.rounds - 1, 1)
+        return self.svd_energy + (self.svd_energy_end - self.svd_energy) * progress
 
-    def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
-        return clients[0].upload()
+    def configure(self, round_: int, client_ids: Sequence[int]) -> dict[int, Instruction]:
+        instructions = self.catch_up(client_ids)
+        for client_id in client_ids:
+            instructions.setdefault(client_id, Instruction()).settings["energy"] = self.energy(round_)
+        return instructions
+
+    def combine(self, round_: int, results: Sequence[ClientResult]) -> Payload:
+        merged = weighted_mean([svd_restore(r.upload) for r in results], [r.num_samples for r in results])
+        energy = self.energy(round_)
+        return merged if energy is None else svd_compress(merged, energy)

@@ -2,7 +2,7 @@
 
 Crosses the client boundary: up, the client's copy of the global expert (a small homogeneous
 extractor, CNN-5's by default); down, its sample-weighted average. The local expert, the gate
-and the header never leave the client.
+and the head never leave the client.
 """
 
 from __future__ import annotations
@@ -12,34 +12,24 @@ from typing import Any
 import torch
 
 from fedmoe_pl.aggregation import Payload
-from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
-from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, build_model, check_model_spec, parts
+from fedmoe_pl.algorithms.base import Algorithm
+from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
+from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, check_model_spec, parts
 
 
 class PFedMoEClient(FederatedClient):
     """A client's local MoE trained end to end with cross-entropy by one SGD optimizer.
 
     Args:
+        ctx: the client's id, data shape and SGD settings (``lr`` for every part but the gate).
         moe: the client's mixture of experts.
-        num_classes: number of classes, for the accuracy metrics.
-        lr: learning rate of every part but the gate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        gate_lr: learning rate of the gate; ``None`` uses ``lr``.
+        method: the algorithm, for its ``gate_lr``.
     """
 
-    def __init__(
-        self,
-        moe: LocalMoE,
-        num_classes: int,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-3,
-        gate_lr: float | None = None,
-    ) -> None:
-        super().__init__(num_classes, lr, momentum, weight_decay)
+    def __init__(self, ctx: ClientContext, moe: LocalMoE, method: PFedMoE) -> None:
+        super().__init__(ctx)
         self.moe = moe
-        self.gate_lr = gate_lr
+        self.method = method
 
     @property
     def shared(self) -> torch.nn.Module:
@@ -63,7 +53,7 @@ class PFedMoEClient(FederatedClient):
         gate = list(self.moe.gate.parameters())
         gate_ids = {id(p) for p in gate}
         rest = [p for p in self.parameters() if id(p) not in gate_ids]
-        return [{"params": rest}, {"params": gate, "lr": self.gate_lr or self.lr}]
+        return [{"params": rest}, {"params": gate, "lr": self.method.gate_lr or self.config.lr}]
 
 
 class PFedMoE(Algorithm):
@@ -90,16 +80,14 @@ class PFedMoE(Algorithm):
         self.gate_lr = gate_lr
 
     def build_client(self, ctx: ClientContext) -> PFedMoEClient:
-        dims = (ctx.in_channels, ctx.image_size, ctx.num_classes)
-        local_expert, header = parts(build_model(ctx.model, *dims))
-        global_expert, _ = parts(build_model(self.global_expert, *dims))
+        local_expert, head = parts(ctx.build())
+        global_expert, _ = parts(ctx.build(self.global_expert))
         moe = LocalMoE(
             global_expert=global_expert,
             local_expert=local_expert,
-            header=header,
+            head=head,
             in_features=ctx.in_channels * ctx.image_size**2,
             gate_hidden=self.gate_hidden,
             gate_norm=self.gate_norm,
         )
-        cfg = ctx.config
-        return PFedMoEClient(moe, ctx.num_classes, cfg.lr, cfg.momentum, cfg.weight_decay, self.gate_lr)
+        return PFedMoEClient(ctx, moe, self)

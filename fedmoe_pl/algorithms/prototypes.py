@@ -5,66 +5,71 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import Payload, classwise_mean
-from fedmoe_pl.algorithms.base import Algorithm, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.base import Algorithm, ClientResult
+from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
 from fedmoe_pl.algorithms.losses import kl
 from fedmoe_pl.algorithms.model_client import StatsClient
 
 
-def no_class_stats(clients: Sequence[FederatedClient], width: int) -> Payload:
+def no_class_stats(num_classes: int, width: int) -> Payload:
     """The server's state before any upload: nothing known about any class."""
-    k = clients[0].num_classes
-    return {"means": torch.zeros(k, width), "counts": torch.zeros(k, dtype=torch.int64)}
+    return {"means": torch.zeros(num_classes, width), "counts": torch.zeros(num_classes, dtype=torch.int64)}
 
 
-def combine_class_stats(uploads: Sequence[Payload]) -> Payload:
-    """Sample-weighted per-class means of many clients' ``{"means", "counts"}`` uploads."""
-    means, counts = classwise_mean([u["means"] for u in uploads], [u["counts"] for u in uploads])
-    return {"means": means, "counts": counts.to(torch.int64)}
+class ClassStatsAlgorithm(Algorithm):
+    """Servers that combine per-class statistics: sample-weighted per-class means of the uploads."""
+
+    def combine(self, round_: int, results: Sequence[ClientResult]) -> Payload:
+        uploads = [r.upload for r in results]
+        means, counts = classwise_mean([u["means"] for u in uploads], [u["counts"] for u in uploads])
+        return {"means": means, "counts": counts.to(torch.int64)}
 
 
 # -- FedGH --------------------------------------------------------------------------------------
 
 
 class FedGHClient(StatsClient):
+    """A FedGH client: uploads per-class mean representations; the server's global head replaces its own."""
+
     def download(self, payload: Payload) -> None:
         self.model.head.load_state_dict(payload)
 
 
 class FedGH(Algorithm):
-    """FedGH (Yi et al., ACM MM 2023, arXiv 2305.13137): a generalized global header.
+    """FedGH (Yi et al., ACM MM 2023, arXiv 2305.13137): a generalized global head (the paper's "header").
 
     Up: per-class mean representations of the client's last local epoch (classes x width) and
-    their counts. The server trains a global header (width -> classes) on the uploaded
-    representations with cross-entropy, continuing from last round's header. Down: that header,
-    which replaces the client's own.
+    their counts. The server trains a global head (width -> classes) on the uploaded
+    representations with cross-entropy, one representation per step in a random order (FedGH's
+    code shuffles them), continuing from last round's head. Down: that head, which replaces the
+    client's own. The order is drawn from the run's seed and the round, so a resumed run repeats it.
 
     Args:
-        server_lr: SGD learning rate of the global header (FedGH's code: 0.01).
+        server_lr: SGD learning rate of the global head (FedGH's code: 0.01).
         server_epochs: passes over the round's uploaded representations.
-        seed: seed of the order in which the server visits the representations.
     """
 
-    def __init__(self, server_lr: float = 0.01, server_epochs: int = 1, seed: int = 0) -> None:
-        self.server_lr, self.server_epochs, self.seed = server_lr, server_epochs, seed
+    def __init__(self, server_lr: float = 0.01, server_epochs: int = 1) -> None:
+        self.server_lr, self.server_epochs = server_lr, server_epochs
 
     def build_client(self, ctx: ClientContext) -> FedGHClient:
-        return FedGHClient.from_context(ctx)  # type: ignore[return-value]
+        return FedGHClient(ctx, ctx.build())
 
     def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
         return state_payload(cast(FedGHClient, clients[0]).model.head)
 
-    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
+    def combine(self, round_: int, results: Sequence[ClientResult]) -> Payload:
+        previous = self.global_payload
         weight, bias = previous["weight"].clone().requires_grad_(), previous["bias"].clone().requires_grad_()
         optimizer = torch.optim.SGD([weight, bias], lr=self.server_lr)
+        uploads = [r.upload for r in results]
         reps = torch.cat([u["means"][u["counts"] > 0] for u in uploads])  # (R, width)
         labels = torch.cat([torch.nonzero(u["counts"] > 0).flatten() for u in uploads])  # (R,)
-        # The order depends on the uploads themselves, so a resumed run repeats it exactly.
-        rng = np.random.default_rng([self.seed, int(labels.sum()), len(labels)])
+        rng = self.server_rng(round_)
         for _ in range(self.server_epochs):
             for i in rng.permutation(len(labels)):  # one representation per step, as in FedGH
                 loss = F.cross_entropy(reps[i : i + 1] @ weight.T + bias, labels[i : i + 1])
@@ -78,31 +83,42 @@ class FedGH(Algorithm):
 
 
 class FDClient(StatsClient):
-    stat = "logits"
+    """An FD client: uploads per-class mean logits and distils toward the global ones.
+
+    Args:
+        ctx: the client's id, data shape and SGD settings.
+        model: the client's zoo model.
+        method: the algorithm, for ``distill_weight`` and ``distill_loss``.
+    """
+
     global_logits: torch.Tensor
     global_known: torch.Tensor
 
-    def __init__(self, *args: object, distill_weight: float = 1.0, distill_loss: str = "kl", **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.distill_weight, self.distill_loss = distill_weight, distill_loss
+    def __init__(self, ctx: ClientContext, model: torch.nn.Module, method: FD) -> None:
+        super().__init__(ctx, model)
+        self.method = method
         self.register_buffer("global_logits", torch.zeros(self.num_classes, self.num_classes))
         self.register_buffer("global_known", torch.zeros(self.num_classes, dtype=torch.bool))
+
+    def statistic(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
     def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         known = self.global_known[y]  # (B,) classes the server has logits for
         if not known.any():
             return logits.new_zeros(())
         target = self.global_logits[y[known]]  # (b, K)
-        if self.distill_loss == "mse":
-            return self.distill_weight * F.mse_loss(logits[known], target)
-        return self.distill_weight * kl(logits[known], target) * known.float().mean()
+        weight = self.method.distill_weight
+        if self.method.distill_loss == "mse":
+            return weight * F.mse_loss(logits[known], target)
+        return weight * kl(logits[known], target) * known.float().mean()
 
     def download(self, payload: Payload) -> None:
         self.global_logits.copy_(payload["means"])
         self.global_known.copy_(payload["counts"] > 0)
 
 
-class FD(Algorithm):
+class FD(ClassStatsAlgorithm):
     """FD, federated distillation (Jeong et al., 2018, arXiv 1811.11479).
 
     Up: per-class mean logits of the last local epoch (classes x classes) and their counts. Down:
@@ -123,27 +139,31 @@ class FD(Algorithm):
         self.distill_weight, self.distill_loss = distill_weight, distill_loss
 
     def build_client(self, ctx: ClientContext) -> FDClient:
-        return FDClient.from_context(  # type: ignore[return-value]
-            ctx, distill_weight=self.distill_weight, distill_loss=self.distill_loss
-        )
+        return FDClient(ctx, ctx.build(), self)
 
     def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
-        return no_class_stats(clients, clients[0].num_classes)
-
-    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
-        return combine_class_stats(uploads)
+        num_classes = clients[0].num_classes
+        return no_class_stats(num_classes, num_classes)
 
 
 # -- FedProto -----------------------------------------------------------------------------------
 
 
 class FedProtoClient(StatsClient):
+    """A FedProto client: uploads class prototypes, pulls its representations toward the global ones.
+
+    Args:
+        ctx: the client's id, data shape and SGD settings.
+        model: the client's zoo model.
+        method: the algorithm, for ``proto_weight`` and ``inference``.
+    """
+
     prototypes: torch.Tensor
     known: torch.Tensor
 
-    def __init__(self, *args: object, proto_weight: float = 1.0, inference: str = "header", **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.proto_weight, self.inference = proto_weight, inference
+    def __init__(self, ctx: ClientContext, model: torch.nn.Module, method: FedProto) -> None:
+        super().__init__(ctx, model)
+        self.method = method
         self.register_buffer("prototypes", torch.zeros(self.num_classes, self.model.feature_dim))
         self.register_buffer("known", torch.zeros(self.num_classes, dtype=torch.bool))
 
@@ -151,7 +171,7 @@ class FedProtoClient(StatsClient):
         known = self.known[y]
         if not known.any():
             return features.new_zeros(())
-        return self.proto_weight * F.mse_loss(features[known], self.prototypes[y[known]])
+        return self.method.proto_weight * F.mse_loss(features[known], self.prototypes[y[known]])
 
     def download(self, payload: Payload) -> None:
         self.prototypes.copy_(payload["means"])
@@ -159,13 +179,13 @@ class FedProtoClient(StatsClient):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, logits = self.features_and_logits(x)
-        if self.inference == "header" or not self.known.any():
+        if self.method.inference == "head" or not self.known.any():
             return logits
         distance = torch.cdist(features, self.prototypes)  # (B, K)
         return -distance.masked_fill(~self.known, float("inf"))  # nearest prototype wins
 
 
-class FedProto(Algorithm):
+class FedProto(ClassStatsAlgorithm):
     """FedProto (Tan et al., AAAI 2022, arXiv 2105.00243).
 
     Up: per-class prototypes (mean representations of the last local epoch) and their counts.
@@ -175,21 +195,17 @@ class FedProto(Algorithm):
 
     Args:
         proto_weight: weight of the prototype regulariser.
-        inference: classify with the client's header, or by the nearest global prototype.
+        inference: classify with the client's head, or by the nearest global prototype.
     """
 
-    def __init__(self, proto_weight: float = 1.0, inference: Literal["header", "prototype"] = "header") -> None:
-        if inference not in ("header", "prototype"):
-            raise ValueError(f"FedProto inference={inference!r}; use 'header' or 'prototype'")
+    def __init__(self, proto_weight: float = 1.0, inference: Literal["head", "prototype"] = "head") -> None:
+        if inference not in ("head", "prototype"):
+            raise ValueError(f"FedProto inference={inference!r}; use 'head' or 'prototype'")
         self.proto_weight, self.inference = proto_weight, inference
 
     def build_client(self, ctx: ClientContext) -> FedProtoClient:
-        return FedProtoClient.from_context(  # type: ignore[return-value]
-            ctx, proto_weight=self.proto_weight, inference=self.inference
-        )
+        return FedProtoClient(ctx, ctx.build(), self)
 
     def initial_global(self, clients: Sequence[FederatedClient]) -> Payload:
-        return no_class_stats(clients, cast(FedProtoClient, clients[0]).model.feature_dim)
-
-    def aggregate(self, uploads: Sequence[Payload], weights: Sequence[float], previous: Payload) -> Payload:
-        return combine_class_stats(uploads)
+        client = cast(FedProtoClient, clients[0])
+        return no_class_stats(client.num_classes, client.model.feature_dim)

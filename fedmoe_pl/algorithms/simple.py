@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fedmoe_pl.aggregation import Payload
-from fedmoe_pl.algorithms.base import Algorithm, ClientConfig, ClientContext, state_payload
+from fedmoe_pl.algorithms.base import Algorithm
+from fedmoe_pl.algorithms.client import ClientConfig, ClientContext, state_payload
 from fedmoe_pl.algorithms.model_client import ModelClient
 
 
@@ -11,10 +12,12 @@ class Standalone(Algorithm):
     """Every client trains its own model alone. Nothing crosses the client boundary: zero bytes."""
 
     def build_client(self, ctx: ClientContext) -> ModelClient:
-        return ModelClient.from_context(ctx)
+        return ModelClient(ctx, ctx.build())
 
 
 class WholeModelClient(ModelClient):
+    """A FedAvg client: uploads its whole model and replaces it with the server's average."""
+
     def upload(self) -> Payload:
         return state_payload(self.model)
 
@@ -37,10 +40,12 @@ class FedAvg(Algorithm):
             )
 
     def build_client(self, ctx: ClientContext) -> WholeModelClient:
-        return WholeModelClient.from_context(ctx)  # type: ignore[return-value]
+        return WholeModelClient(ctx, ctx.build())
 
 
-class HeaderClient(ModelClient):
+class HeadClient(ModelClient):
+    """An LG-FedAvg client: shares its head, keeps its extractor."""
+
     def upload(self) -> Payload:
         return state_payload(self.model.head)
 
@@ -49,11 +54,11 @@ class HeaderClient(ModelClient):
 
 
 class LGFedAvg(Algorithm):
-    """LG-FedAvg (Liang et al., 2020, arXiv 2001.01523), in the header-sharing form of pFedMoE's comparison.
+    """LG-FedAvg (Liang et al., 2020, arXiv 2001.01523), in the head-sharing form of pFedMoE's comparison.
 
-    Up: the client's header (representation -> logits; the same shape on every zoo model). Down:
-    the sample-weighted average header, which replaces the client's. Extractors stay private.
+    Up: the client's head (representation -> logits; the same shape on every zoo model). Down:
+    the sample-weighted average head, which replaces the client's. Extractors stay private.
     """
 
-    def build_client(self, ctx: ClientContext) -> HeaderClient:
-        return HeaderClient.from_context(ctx)  # type: ignore[return-value]
+    def build_client(self, ctx: ClientContext) -> HeadClient:
+        return HeadClient(ctx, ctx.build())

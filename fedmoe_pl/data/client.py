@@ -87,9 +87,6 @@ class ClientDataModule(L.LightningDataModule):
         self._aug_gen.manual_seed(self.shuffle_seed + 1)
         return TensorBatches(self.train_images, self.train_labels, self.batch_size, self.shuffle_seed)
 
-    def val_dataloader(self) -> TensorBatches:
-        return self.test_dataloader()
-
     def test_dataloader(self) -> TensorBatches:
         return TensorBatches(self.test_images, self.test_labels, self.eval_batch_size)
 

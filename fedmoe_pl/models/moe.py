@@ -16,14 +16,14 @@ def _width(module: nn.Module) -> int:
 
 
 class LocalMoE(nn.Module):
-    """``logits = header(a_G * global_expert(x) + a_F * local_expert(x))`` with ``(a_G, a_F) = gate(x)``.
+    """``logits = head(a_G * global_expert(x) + a_F * local_expert(x))`` with ``(a_G, a_F) = gate(x)``.
 
     Only ``global_expert`` is ever shared; the other three sub-modules are the client's own.
 
     Args:
         global_expert: the small extractor every client holds a copy of.
         local_expert: the client's own (heterogeneous) extractor.
-        header: the client's own last layer, representation -> logits.
+        head: the client's own last layer, representation -> logits.
         in_features: flattened input size the gate sees (C*H*W).
         gate_hidden: hidden width of the gate.
         gate_norm: normalization at the gate's input.
@@ -33,7 +33,7 @@ class LocalMoE(nn.Module):
         self,
         global_expert: nn.Module,
         local_expert: nn.Module,
-        header: nn.Module,
+        head: nn.Module,
         in_features: int,
         gate_hidden: int = 64,
         gate_norm: GateNorm = "switch",
@@ -49,7 +49,7 @@ class LocalMoE(nn.Module):
         self.global_expert = global_expert
         self.local_expert = local_expert
         self.gate = GatingNetwork(in_features, gate_hidden, gate_norm)
-        self.header = header
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits (B, classes), gate weights (B, 2))."""
@@ -57,4 +57,4 @@ class LocalMoE(nn.Module):
         r_global = self.global_expert(x)  # (B, W)
         r_local = self.local_expert(x)  # (B, W)
         mixed = weights[:, :1] * r_global + weights[:, 1:] * r_local  # (B, W)
-        return self.header(mixed), weights
+        return self.head(mixed), weights

@@ -1,0 +1,163 @@
+"""The client side every method shares: its settings, what it is told at build time, its LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmoe_pl.aggregation import Payload
+from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
+
+DEFAULT_ZOO: list[ModelSpec] = ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
+
+
+@dataclass
+class ClientConfig:
+    """Settings every client shares, whatever the method.
+
+    Args:
+        zoo: client models; client k gets ``zoo[k % len(zoo)]`` (a registered name or a
+            class_path/init_args mapping). The default is the paper's heterogeneous setting.
+        lr: SGD learning rate (paper setting 0.01).
+        momentum: SGD momentum (sibling code: 0.9).
+        weight_decay: SGD weight decay (sibling code: 1e-3).
+    """
+
+    zoo: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_ZOO))
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not self.zoo:
+            raise ValueError("client.zoo is empty; list at least one model, e.g. [cnn1]")
+        for spec in self.zoo:
+            check_model_spec(spec)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"client.lr must be a positive number, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"client.{name} must be a non-negative number, got {value}")
+
+    def model_for(self, client_id: int) -> ModelSpec:
+        return self.zoo[client_id % len(self.zoo)]
+
+    @property
+    def homogeneous(self) -> bool:
+        return all(spec == self.zoo[0] for spec in self.zoo)
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What a method needs to know to build client ``client_id``."""
+
+    client_id: int
+    model: ModelSpec
+    in_channels: int
+    image_size: int
+    num_classes: int
+    config: ClientConfig
+
+    def build(self, spec: ModelSpec | None = None) -> Any:
+        """A zoo model (this client's own unless ``spec`` names another) for this client's data shape."""
+        return build_model(spec or self.model, self.in_channels, self.image_size, self.num_classes)
+
+
+def state_payload(module: nn.Module) -> Payload:
+    """A module's state dict as a payload, detached from autograd and the module's storage."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class FederatedClient(L.LightningModule):
+    """Base LightningModule of a federated client: cross-entropy, SGD, upload/download, evaluation.
+
+    Subclasses implement :meth:`forward` and, where they share something, :meth:`upload` and
+    :meth:`download`. Per-client Trainers log nothing; the federation reads :attr:`train_loss`
+    and :meth:`evaluate` instead.
+
+    Args:
+        ctx: the client's id, data shape and the shared :class:`ClientConfig` (its SGD settings).
+    """
+
+    def __init__(self, ctx: ClientContext) -> None:
+        super().__init__()
+        self.client_id, self.num_classes, self.config = ctx.client_id, ctx.num_classes, ctx.config
+        self._loss_sum = torch.zeros(())
+        self._loss_steps = 0
+
+    # -- what the method defines -------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x), y)
+
+    def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and per-sample diagnostics (for example gate weights) to average at evaluation."""
+        return self(x), {}
+
+    def upload(self) -> Payload:
+        """What this client sends to the server after local training."""
+        return {}
+
+    def download(self, payload: Payload) -> None:
+        """Apply state the server sent."""
+
+    def configure_round(self, **settings: Any) -> None:
+        """Apply per-round settings the server sent (a compression level, say); none by default."""
+        if settings:
+            raise TypeError(f"{type(self).__name__} takes no round settings, got {sorted(settings)}")
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.parameters())}]
+
+    # -- Lightning hooks ------------------------------------------------------------------
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        return torch.optim.SGD(self.param_groups(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_steps = 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.training_loss(x, y)
+        self._loss_sum += loss.detach()  # summed on device: no host sync per step
+        self._loss_steps += 1
+        return loss
+
+    @property
+    def train_loss(self) -> float:
+        """Mean training loss of the last local epoch."""
+        return float(self._loss_sum) / max(self._loss_steps, 1)
+
+    # -- evaluation outside a Trainer ---------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Accuracy (and averaged diagnostics) over already-normalized batches."""
+        was_training = self.training
+        self.eval()
+        correct, seen = 0, 0
+        sums: dict[str, torch.Tensor] = {}
+        for x, y in batches:
+            logits, extras = self.predict_with_extras(x)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            for key, value in extras.items():
+                sums[key] = sums.get(key, 0) + value.sum()  # type: ignore[operator]
+        self.train(was_training)
+        out = {"acc": correct / max(seen, 1)}
+        out.update({key: float(v) / max(seen, 1) for key, v in sums.items()})
+        return out

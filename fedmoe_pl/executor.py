@@ -1,0 +1,90 @@
+"""Executors: who trains a round's cohort of clients, and how.
+
+The loop hands an executor the round's jobs and reads back one outcome per client. The one
+shipped here is the reference path of the design: a LightningModule per client and a fresh
+``Trainer.fit`` per client, one after another. Faster or distributed executors (a batched GPU
+engine, several processes) plug in at the same seam.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import lightning as L
+
+from fedmoe_pl.algorithms import ClientResult, FederatedClient
+from fedmoe_pl.data import ClientDataModule
+
+
+@dataclass
+class FitJob:
+    """One client's local fit in one round."""
+
+    client: FederatedClient
+    data: ClientDataModule
+    seed: int  # shuffling and augmentation of this fit
+    epochs: int
+    restore_on_error: bool = False  # put the client's state back if the fit fails
+
+
+@dataclass
+class FitOutcome:
+    """A job's result, or the error that ended it (the client's state then as ``restore_on_error`` says)."""
+
+    client_id: int
+    result: ClientResult | None = None
+    error: Exception | None = None
+
+
+class Executor(Protocol):
+    def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
+        """Train every job's client; yield one outcome per job, in order."""
+        ...
+
+
+class SequentialExecutor:
+    """A fresh Lightning ``Trainer`` and ``Trainer.fit`` per client, one client after another.
+
+    Args:
+        trainer_kwargs: the user's Trainer arguments (accelerator, precision, ...); the executor
+            sets the ones a local fit owns (one device, the epochs, no logging or checkpoints).
+    """
+
+    def __init__(self, trainer_kwargs: dict[str, Any] | None = None) -> None:
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+
+    def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
+        for job in jobs:
+            client_id = job.client.client_id
+            before = copy.deepcopy(job.client.state_dict()) if job.restore_on_error else None
+            try:
+                loss = self._fit_one(job)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss is {loss}; lower client.lr or check the data")
+            except Exception as err:
+                if before is not None:
+                    job.client.load_state_dict(before)
+                yield FitOutcome(client_id, error=err)
+                continue
+            result = ClientResult(client_id, job.client.upload(), job.data.num_train, {"train_loss": loss})
+            yield FitOutcome(client_id, result=result)
+
+    def _fit_one(self, job: FitJob) -> float:
+        job.data.shuffle_seed = job.seed
+        trainer = L.Trainer(
+            **self.trainer_kwargs,
+            devices=1,
+            max_epochs=job.epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(job.client, datamodule=job.data)
+        return job.client.train_loss
