@@ -1,12 +1,13 @@
 """Run several methods on one config and seed; write a markdown table and an accuracy plot.
 
     python experiments/compare.py --config configs/quickstart.yaml --output results/quickstart
-    python experiments/compare.py --config configs/fmnist_n50.yaml --methods pfedmoe standalone \
-        --output results/fmnist_n50 -- --federation.rounds 10
+    python experiments/compare.py --config configs/quickstart.yaml --config configs/fmnist_n50.yaml \
+        --methods pfedmoe standalone --output results/fmnist_n50 -- --federation.rounds 10
 
-Each method runs as ``fedmoe-pl fit --config CONFIG --config configs/methods/<method>.yaml`` in its
-own process, into ``OUTPUT/<method>``; arguments after ``--`` go to every run. A method whose run
-directory already holds a finished summary for the same number of rounds is not run again.
+The methods are the overlays in ``--methods-dir`` (``configs/methods``): a new method is its module
+plus one overlay there, nothing else. Each runs as ``fedmoe-pl fit --config CONFIG...
+--config <methods-dir>/<method>.yaml`` in its own process, into ``OUTPUT/<method>``; arguments
+after ``--`` go to every run. A method whose run already finished is not run again.
 """
 
 from __future__ import annotations
@@ -17,22 +18,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-METHODS = ["pfedmoe", "standalone", "fedavg", "lg_fedavg", "fedgh", "fd", "fedproto", "fml", "fedkd", "fedapen"]
 ROOT = Path(__file__).resolve().parents[1]
+FIRST = ["pfedmoe", "standalone"]  # listed first in tables and plots; the rest alphabetically
 
 
-def run_method(method: str, config: str, output: Path, seed: int, extra: list[str]) -> dict:
+def discover(methods_dir: Path) -> list[str]:
+    """The methods with an overlay in ``methods_dir``."""
+    names = sorted(p.stem for p in methods_dir.glob("*.yaml"))
+    return [m for m in FIRST if m in names] + [m for m in names if m not in FIRST]
+
+
+def run_method(method: str, configs: list[str], methods_dir: Path, output: Path, seed: int, extra: list[str]) -> dict:
     run_dir = output / method
-    overlay = ROOT / "configs" / "methods" / f"{method}.yaml"
+    overlay = methods_dir / f"{method}.yaml"
     if not overlay.exists():
-        raise SystemExit(f"no overlay for method {method!r}: expected {overlay}; choose from {METHODS}")
+        raise SystemExit(f"no overlay for method {method!r}: expected {overlay}; choose from {discover(methods_dir)}")
     argv = [
         sys.executable,
         "-m",
         "fedmoe_pl.cli",
         "fit",
-        "--config",
-        config,
+        *(arg for config in configs for arg in ("--config", config)),
         "--config",
         str(overlay),
         "--seed_everything",
@@ -42,7 +48,7 @@ def run_method(method: str, config: str, output: Path, seed: int, extra: list[st
         *extra,
     ]
     summary = run_dir / "summary.json"
-    if summary.exists() and (run_dir / "last.ckpt").exists():
+    if (run_dir / "last.ckpt").exists():
         argv += ["--resume", str(run_dir)]  # finishes an interrupted run; a finished one returns at once
     print(f"== {method}: {' '.join(argv[3:])}", flush=True)
     subprocess.run(argv, check=True)
@@ -113,17 +119,19 @@ def plot(output: Path, methods: list[str], title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--config", required=True, action="append", help="YAML config; repeat to overlay")
+    parser.add_argument("--methods-dir", type=Path, default=ROOT / "configs" / "methods")
+    parser.add_argument("--methods", nargs="+", help="default: every overlay in --methods-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--target", type=float, default=0.95, help="mean accuracy for the rounds-to-target column")
     parser.add_argument("extra", nargs="*", help="arguments after -- go to every fedmoe-pl fit")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    summaries = {m: run_method(m, args.config, args.output, args.seed, args.extra) for m in args.methods}
+    methods = args.methods or discover(args.methods_dir)
+    summaries = {m: run_method(m, args.config, args.methods_dir, args.output, args.seed, args.extra) for m in methods}
     print(write_table(summaries, args.output, args.target))
-    plot(args.output, args.methods, f"{Path(args.config).stem}, seed {args.seed}")
+    plot(args.output, methods, f"{Path(args.config[-1]).stem}, seed {args.seed}")
     print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.png'}")
 
 
