@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import weighted_mean
 from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
-from fedmoe_pl.executor import SequentialExecutor
+from fedmoe_pl.experiment import build_federation
 from fedmoe_pl.federation import Federation, quiet_lightning
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.schedule import fit_seed
@@ -94,16 +94,7 @@ def main() -> None:
         exp.data.setup(exp.seed)
         run_dir = RunDirectory(tmp)
         run_dir.acquire()
-        executor = SequentialExecutor(exp.trainer)
-        fed = Federation(
-            exp.federation,
-            exp.data,
-            exp.client,
-            exp.algorithm,
-            exp.seed,
-            executor,
-            sinks=[RoundCheckpoint(run_dir, {})],
-        )
+        fed = build_federation(exp, [RoundCheckpoint(run_dir, {})])
         server = fed.algorithm
         for client in fed.clients:  # every client starts from the server's initial global expert
             client.download(server.global_payload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from fedmoe_pl.executor import SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.signals import StopSignals
-from fedmoe_pl.sinks import Checkpoint, MetricsFile, ProgressBar, SummaryFile, Wandb
+from fedmoe_pl.sinks import Checkpoint, MetricsFile, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,12 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
         run_dir.release()
 
 
+def build_federation(exp: Experiment, sinks: Sequence[Sink] = (), device: Any = "cpu") -> Federation:
+    """The experiment's federation: one Trainer per client in turn, evaluated on ``device``."""
+    executor = SequentialExecutor(exp.trainer)
+    return Federation(exp.federation, exp.data, exp.client, exp.algorithm, exp.seed, executor, Evaluator(device), sinks)
+
+
 def _train(
     exp: Experiment, run_dir: RunDirectory, checkpoint: dict[str, Any] | None, wanted: dict[str, Any], device: Any
 ) -> dict[str, Any]:
@@ -148,22 +155,14 @@ def _train(
         [[c["id"], *(c["train"].get(str(k), 0) for k in classes)] for c in partition["clients"]],
     )
     meta = {"result_config": wanted, "fingerprint": exp.data.fingerprint, "wandb_id": tracker.run_id}
-    fed = Federation(
-        exp.federation,
-        exp.data,
-        exp.client,
-        exp.algorithm,
-        exp.seed,
-        executor=SequentialExecutor(exp.trainer),
-        evaluator=Evaluator(device),
-        sinks=[
-            MetricsFile(run_dir),
-            Checkpoint(run_dir, meta),
-            Wandb(tracker, table),
-            ProgressBar(),
-            SummaryFile(run_dir),
-        ],
-    )
+    sinks = [
+        MetricsFile(run_dir),
+        Checkpoint(run_dir, meta),
+        Wandb(tracker, table),
+        ProgressBar(),
+        SummaryFile(run_dir),
+    ]
+    fed = build_federation(exp, sinks, device)
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
     with StopSignals() as signals:

@@ -29,6 +29,28 @@ class ClassStatsAlgorithm(Algorithm):
         return {"means": means, "counts": counts.to(torch.int64)}
 
 
+class ClassTargetClient(StatsClient):
+    """A StatsClient that receives per-class targets from the server (global logits, prototypes).
+
+    Args:
+        ctx: the client's id, data shape and SGD settings.
+        model: the client's zoo model.
+        width: the width of one class's target.
+    """
+
+    targets: torch.Tensor
+    known: torch.Tensor
+
+    def __init__(self, ctx: ClientContext, model: torch.nn.Module, width: int) -> None:
+        super().__init__(ctx, model)
+        self.register_buffer("targets", torch.zeros(self.num_classes, width))  # (K, width)
+        self.register_buffer("known", torch.zeros(self.num_classes, dtype=torch.bool))  # classes with a target
+
+    def download(self, payload: Payload) -> None:
+        self.targets.copy_(payload["means"])
+        self.known.copy_(payload["counts"] > 0)
+
+
 # -- FedGH --------------------------------------------------------------------------------------
 
 
@@ -82,40 +104,25 @@ class FedGH(Algorithm):
 # -- FD -----------------------------------------------------------------------------------------
 
 
-class FDClient(StatsClient):
-    """An FD client: uploads per-class mean logits and distils toward the global ones.
-
-    Args:
-        ctx: the client's id, data shape and SGD settings.
-        model: the client's zoo model.
-        method: the algorithm, for ``distill_weight`` and ``distill_loss``.
-    """
-
-    global_logits: torch.Tensor
-    global_known: torch.Tensor
+class FDClient(ClassTargetClient):
+    """An FD client: uploads per-class mean logits and distils toward the global ones (its targets)."""
 
     def __init__(self, ctx: ClientContext, model: torch.nn.Module, method: FD) -> None:
-        super().__init__(ctx, model)
+        super().__init__(ctx, model, width=ctx.num_classes)
         self.method = method
-        self.register_buffer("global_logits", torch.zeros(self.num_classes, self.num_classes))
-        self.register_buffer("global_known", torch.zeros(self.num_classes, dtype=torch.bool))
 
     def statistic(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
     def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        known = self.global_known[y]  # (B,) classes the server has logits for
+        known = self.known[y]  # (B,) classes the server has logits for
         if not known.any():
             return logits.new_zeros(())
-        target = self.global_logits[y[known]]  # (b, K)
+        target = self.targets[y[known]]  # (b, K)
         weight = self.method.distill_weight
         if self.method.distill_loss == "mse":
             return weight * F.mse_loss(logits[known], target)
         return weight * kl(logits[known], target) * known.float().mean()
-
-    def download(self, payload: Payload) -> None:
-        self.global_logits.copy_(payload["means"])
-        self.global_known.copy_(payload["counts"] > 0)
 
 
 class FD(ClassStatsAlgorithm):
@@ -149,39 +156,24 @@ class FD(ClassStatsAlgorithm):
 # -- FedProto -----------------------------------------------------------------------------------
 
 
-class FedProtoClient(StatsClient):
-    """A FedProto client: uploads class prototypes, pulls its representations toward the global ones.
-
-    Args:
-        ctx: the client's id, data shape and SGD settings.
-        model: the client's zoo model.
-        method: the algorithm, for ``proto_weight`` and ``inference``.
-    """
-
-    prototypes: torch.Tensor
-    known: torch.Tensor
+class FedProtoClient(ClassTargetClient):
+    """A FedProto client: uploads class prototypes, pulls its representations toward the global ones (its targets)."""
 
     def __init__(self, ctx: ClientContext, model: torch.nn.Module, method: FedProto) -> None:
-        super().__init__(ctx, model)
+        super().__init__(ctx, model, width=model.feature_dim)  # type: ignore[arg-type]
         self.method = method
-        self.register_buffer("prototypes", torch.zeros(self.num_classes, self.model.feature_dim))
-        self.register_buffer("known", torch.zeros(self.num_classes, dtype=torch.bool))
 
     def regulariser(self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         known = self.known[y]
         if not known.any():
             return features.new_zeros(())
-        return self.method.proto_weight * F.mse_loss(features[known], self.prototypes[y[known]])
-
-    def download(self, payload: Payload) -> None:
-        self.prototypes.copy_(payload["means"])
-        self.known.copy_(payload["counts"] > 0)
+        return self.method.proto_weight * F.mse_loss(features[known], self.targets[y[known]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, logits = self.features_and_logits(x)
         if self.method.inference == "head" or not self.known.any():
             return logits
-        distance = torch.cdist(features, self.prototypes)  # (B, K)
+        distance = torch.cdist(features, self.targets)  # (B, K)
         return -distance.masked_fill(~self.known, float("inf"))  # nearest prototype wins
 
 
