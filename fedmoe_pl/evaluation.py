@@ -38,16 +38,16 @@ class Evaluator:
         if not results:
             return {"mean_acc": None}
         ids = sorted(results)
-        accs = np.array([results[k]["acc"] for k in ids])
-        counts = np.array([sizes[k] for k in ids])
+        accs = np.array([results[cid]["acc"] for cid in ids])
+        counts = np.array([sizes[cid] for cid in ids])
         out: dict[str, Any] = {
             "mean_acc": float(accs.mean()),
             "weighted_acc": float((accs * counts).sum() / counts.sum()),
             "std_acc": float(accs.std()),
             "min_acc": float(accs.min()),
-            "client_acc": {str(k): results[k]["acc"] for k in ids},
+            "client_acc": {str(cid): results[cid]["acc"] for cid in ids},
         }
         extras = {key for r in results.values() for key in r if key != "acc"}
         for key in sorted(extras):
-            out[f"client_{key}"] = {str(k): results[k][key] for k in ids if key in results[k]}
+            out[f"client_{key}"] = {str(cid): results[cid][key] for cid in ids if key in results[cid]}
         return out

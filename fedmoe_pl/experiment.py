@@ -152,7 +152,7 @@ def _train(
     classes = range(partition["num_classes"])
     table = (
         ["client", *map(str, classes)],
-        [[c["id"], *(c["train"].get(str(k), 0) for k in classes)] for c in partition["clients"]],
+        [[c["id"], *(c["train"].get(str(label), 0) for label in classes)] for c in partition["clients"]],
     )
     meta = {"result_config": wanted, "fingerprint": exp.data.fingerprint, "wandb_id": tracker.run_id}
     sinks = [

@@ -77,19 +77,21 @@ class Federation:
         self.sinks = list(sinks)
         dims = (data.in_channels, data.image_size, data.num_classes)
         self.clients: list[FederatedClient] = [
-            algorithm.build_client(ClientContext(k, client_cfg.model_for(k), *dims, client_cfg))
-            for k in range(data.num_clients)
+            algorithm.build_client(ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg))
+            for cid in range(data.num_clients)
         ]
-        self.model_names = [model_name(client_cfg.model_for(k)) for k in range(data.num_clients)]
+        self.model_names = [model_name(client_cfg.model_for(cid)) for cid in range(data.num_clients)]
         per_round = clients_per_round(cfg.participation, data.num_clients)
-        self.schedule = [sample_clients(seed, r, data.num_clients, per_round) for r in range(1, cfg.rounds + 1)]
+        self.schedule = [
+            sample_clients(seed, round_, data.num_clients, per_round) for round_ in range(1, cfg.rounds + 1)
+        ]
         algorithm.start(self.clients, seed, cfg.rounds)
         self.round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0, "dropped": 0, "failed": 0}
         self.shared_numel = [0] * data.num_clients  # elements of each client's last upload
         self.final: dict[str, Any] | None = None  # the last evaluated round's record
         self.best: dict[str, Any] | None = None  # the evaluated round with the best mean accuracy
-        untested = [k for k, shard in enumerate(data.clients) if shard.num_test == 0]
+        untested = [cid for cid, shard in enumerate(data.clients) if shard.num_test == 0]
         if untested:
             log.warning("clients %s have no test samples; they are left out of every accuracy mean", untested)
 
@@ -130,11 +132,11 @@ class Federation:
     def _round(self, round_: int) -> dict[str, Any]:
         sampled = self.schedule[round_ - 1]
         offline = dropped_clients(self.seed, round_, sampled, self.cfg.dropout)
-        reporting = [k for k in sampled if k not in offline]
+        reporting = [cid for cid in sampled if cid not in offline]
         bytes_down = self._deliver(self.algorithm.configure(round_, reporting))
         results: list[ClientResult] = []
         failed: list[int] = []
-        for outcome in self.executor.fit([self._job(k, round_) for k in reporting]):
+        for outcome in self.executor.fit([self._job(cid, round_) for cid in reporting]):
             if outcome.error is not None:
                 if self.cfg.on_client_error == "stop":
                     raise ClientFailure(outcome.client_id, round_, outcome.error) from outcome.error
@@ -157,7 +159,7 @@ class Federation:
             self.shared_numel[r.client_id] = payload_numel(r.upload)
         if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
             ids = range(len(self.clients)) if self.cfg.eval_clients == "all" else sampled
-            record.update(self.evaluator([self.clients[k] for k in ids], [self.data.clients[k] for k in ids]))
+            record.update(self.evaluator([self.clients[cid] for cid in ids], [self.data.clients[cid] for cid in ids]))
         return record
 
     # -- helpers of one round -------------------------------------------------------------------
@@ -244,14 +246,14 @@ class Federation:
             "partition_fingerprint": self.data.fingerprint,
             "clients": [
                 {
-                    "id": k,
-                    "model": self.model_names[k],
+                    "id": cid,
+                    "model": self.model_names[cid],
                     "params_total": sum(p.numel() for p in client.parameters()),
-                    "params_shared": self.shared_numel[k],
-                    "train_samples": self.data.clients[k].num_train,
-                    "test_samples": self.data.clients[k].num_test,
-                    "final_acc": accs.get(str(k)),
+                    "params_shared": self.shared_numel[cid],
+                    "train_samples": self.data.clients[cid].num_train,
+                    "test_samples": self.data.clients[cid].num_test,
+                    "final_acc": accs.get(str(cid)),
                 }
-                for k, client in enumerate(self.clients)
+                for cid, client in enumerate(self.clients)
             ],
         }

@@ -76,7 +76,7 @@ def dropped_clients(seed: int, round_: int, sampled: list[int], probability: flo
     if probability == 0:
         return set()
     rng = np.random.default_rng(np.random.SeedSequence([seed, DROPOUT_STREAM, round_]))
-    return {k for k, u in zip(sampled, rng.random(len(sampled))) if u < probability}
+    return {cid for cid, draw in zip(sampled, rng.random(len(sampled))) if draw < probability}
 
 
 def fit_seed(seed: int, round_: int, client: int) -> int:

@@ -2,7 +2,7 @@
 
 Every model is conv5x5 -> ReLU -> maxpool2 -> conv5x5 -> ReLU -> maxpool2 -> flatten -> FC1 -> ReLU
 -> FC2 -> ReLU -> FC3. Everything before FC3 is the *extractor* (its output, ``feature_dim`` wide,
-is the representation); FC3 is the *header*. Keeping the two as separate sub-modules is what lets
+is the representation); FC3 is the *head*. Keeping the two as separate sub-modules is what lets
 the mixture of experts and the baselines pick them apart by module, not by parameter name.
 """
 
