@@ -203,16 +203,26 @@ def test_a_non_finite_loss_stops_naming_round_and_client_and_metrics_stay_strict
 
 
 def test_dropout_is_seeded_and_the_round_aggregates_who_reported(tmp_path, capsys) -> None:
-    config = tiny_config(tmp_path, rounds=4, dropout=0.5)
-    run_fit("--config", str(config))
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    from fedmoe_pl.federation import dropped_clients
+    def dropped_per_round(run: str) -> tuple[list[list[int]], list[dict]]:
+        config = tiny_config(tmp_path, rounds=4, dropout=0.5)
+        run_fit("--config", str(config), "--federation.run_dir", str(tmp_path / run))
+        metrics = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [m["dropped"] for m in metrics], metrics
 
-    expected = [sorted(dropped_clients(7, r, [0, 1, 2], 0.5)) for r in range(1, 5)]
-    assert [m["dropped"] for m in metrics] == expected
-    assert any(expected) and not all(len(d) == 3 for d in expected)  # the seed gives a mixed picture
+    dropped, metrics = dropped_per_round("a")
+    assert dropped_per_round("b")[0] == dropped  # the same seed, the same dropouts
+    assert any(dropped) and not all(len(d) == 3 for d in dropped)  # this seed gives a mixed picture
+    assert all(m["reported"] + len(m["dropped"]) == 3 for m in metrics)
     per_upload = max(m["bytes_up"] // max(m["reported"], 1) for m in metrics)
-    assert all(m["bytes_up"] == per_upload * (3 - len(m["dropped"])) for m in metrics)
+    assert all(m["bytes_up"] == per_upload * m["reported"] for m in metrics)  # only reporters upload
+
+
+def test_dropout_draws_at_its_rate() -> None:
+    from fedmoe_pl.schedule import dropped_clients
+
+    share = sum(len(dropped_clients(3, r, list(range(100)), 0.3)) for r in range(1, 51)) / 5000
+    assert share == pytest.approx(0.3, abs=0.03)
+    assert dropped_clients(3, 1, list(range(100)), 0.0) == set()
 
 
 def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> None:
