@@ -290,16 +290,3 @@ def test_a_damaged_system_archive_leaves_no_partial_file(tmp_path) -> None:
         FashionMNIST(root=str(tmp_path / "data"), system_dir=str(tmp_path / "system")).load()
     assert not list((tmp_path / "data").rglob("*.partial*"))
     assert not (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
-
-
-# -- W&B without a network ------------------------------------------------------------------------
-
-
-def test_wandb_online_without_a_server_falls_back_to_offline(tmp_path, caplog, monkeypatch) -> None:
-    monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    config = tiny_config(tmp_path, rounds=1)
-    run_fit("--config", str(config))
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert "cannot be reached: logging offline" in caplog.text
