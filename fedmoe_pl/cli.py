@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         if command == "fit":
             summary = fit(exp, resume=sub_cfg.resume)
             print(
-                f"final mean client test accuracy: {_percent(summary['final_mean_acc'])} "
-                f"(best {_percent(summary['best_mean_acc'])} at round {summary['best_round']})\n"
+                f"final mean client test accuracy: {_accuracy(summary['final_mean_acc'])} "
+                f"(best {_accuracy(summary['best_mean_acc'])} at round {summary['best_round']})\n"
                 f"results: {Path(exp.federation.run_dir).resolve()}"
             )
         else:
@@ -165,7 +165,7 @@ def _resume_in_place(cfg: Namespace) -> None:
     cfg.federation.run_dir = str(run_dir)
 
 
-def _percent(value: float | None) -> str:
+def _accuracy(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 

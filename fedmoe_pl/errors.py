@@ -17,7 +17,7 @@ class ClientFailure(RunError):
     """A client's local fit raised, or produced a non-finite loss, in a given round."""
 
     def __init__(self, client_id: int, round_: int, cause: BaseException) -> None:
-        self.client_id, self.round, self.cause = client_id, round_, cause
+        self.client_id, self.round = client_id, round_  # the cause is the exception's __cause__
         super().__init__(
             f"client {client_id} failed in round {round_}: {type(cause).__name__}: {cause}. "
             "Set federation.on_client_error: drop to leave a failing client out of its round, "
@@ -35,7 +35,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         self.round = 0  # the last completed round, filled in by whoever knows it
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(self.name)
 
     @property
     def name(self) -> str:

@@ -1,5 +1,6 @@
 import logging
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,23 @@ def test_fashion_mnist_falls_back_on_the_system_package_and_says_so(tmp_path, ca
         data = FashionMNIST(root=str(tmp_path / "root"), system_dir=str(tmp_path / "system")).load()
     assert data.train_images.shape == (30, 1, 28, 28)
     assert "system package" in caplog.text
+
+
+def test_unpacking_waits_for_the_data_roots_lock_and_then_reuses_the_files(tmp_path) -> None:
+    from filelock import FileLock
+
+    write_idx(tmp_path / "system", compress=True)
+    root = tmp_path / "root"
+    root.mkdir()
+    result: dict = {}
+    source = FashionMNIST(root=str(root), system_dir=str(tmp_path / "system"))
+    with FileLock(root / ".FashionMNIST.lock"):  # another run is unpacking
+        loader = threading.Thread(target=lambda: result.update(data=source.load()))
+        loader.start()
+        loader.join(timeout=1.0)
+        assert loader.is_alive() and not (root / "FashionMNIST").exists()  # it waits, writing nothing
+    loader.join(timeout=30)
+    assert result["data"].train_images.shape == (30, 1, 28, 28)
 
 
 def test_missing_fashion_mnist_names_the_root_and_the_package(tmp_path) -> None:
