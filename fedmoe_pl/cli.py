@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning import Trainer
@@ -81,7 +81,57 @@ def build_parser() -> ArgumentParser:
         "--output", type=str, default="partition", help="folder for partition.json and the heat map"
     )
     commands.add_subcommand("partition", part_parser, help="inspect the partition a config produces")
+    commands.add_subcommand("grid", _grid_parser(), help="run a grid of experiments, locally or as a Slurm job array")
+    commands.add_subcommand("report", _report_parser(), help="tables and plots over finished run directories")
     return parser
+
+
+def _grid_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Expand a grid file into cells and run them", allow_abbrev=False)
+    parser.add_argument("grid_file", type=str, help="grid YAML (see configs/grids/)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="list the cells only")
+    parser.add_argument("--launcher", type=Literal["local", "slurm"], default="local", help="where cells run")
+    parser.add_argument("--output", type=str | None, default=None, help="folder of the runs (the grid's output)")
+    for name, kind, what in (
+        ("partition", str | None, "Slurm partition"),
+        ("time", str | None, "time limit per task, e.g. 1-00:00:00"),
+        ("gpus", int | None, "GPUs per task"),
+        ("account", str | None, "account to charge"),
+        ("throttle", int | None, "most tasks running at once"),
+    ):
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"{what} (overrides the grid file)")
+    return parser
+
+
+def _report_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Methods x settings table and accuracy plots over runs", allow_abbrev=False)
+    parser.add_argument("run_dirs", type=list[str], nargs="+", help="run directories, or grid outputs holding them")
+    parser.add_argument("--output", type=str, default="report", help="folder for report.md, report.csv and plots")
+    parser.add_argument("--target", type=float, default=0.9, help="accuracy for the rounds-to-target column")
+    return parser
+
+
+def _grid(cfg: Namespace) -> int:
+    from fedmoe_pl.grid import Grid, describe, run_local
+
+    grid = Grid.load(cfg.grid_file)
+    if cfg.output:
+        grid.output = cfg.output
+    cells = grid.cells()
+    if cfg.launcher == "local":
+        if cfg.dry_run:
+            print(describe(cells))
+            return 0
+        return run_local(cells)
+    from fedmoe_pl.slurm import submit
+
+    for name in ("partition", "time", "gpus", "account", "throttle"):
+        if cfg[name] is not None:
+            setattr(grid.slurm, name, cfg[name])
+    if cfg.dry_run:
+        print(describe(cells))
+    submit(grid, cells, grid.slurm, dry_run=cfg.dry_run)
+    return 0
 
 
 def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
@@ -123,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     command = cfg.subcommand
     sub_parser = subcommand_parser(parser, command)
     sub_cfg = cfg[command]
+    if command in ("grid", "report"):
+        raise SystemExit(_tool_command(command, sub_cfg))
     try:
         if command == "fit" and sub_cfg.resume:
             _resume_in_place(sub_cfg)
@@ -153,6 +205,20 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _tool_command(command: str, cfg: Namespace) -> int:
+    """``grid`` and ``report``: commands over many runs, each failing with one line."""
+    try:
+        if command == "grid":
+            return _grid(cfg)
+        from fedmoe_pl.results import write_report
+
+        write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target)
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _resume_in_place(cfg: Namespace) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.data import ClientDataModule
@@ -56,6 +57,9 @@ class SequentialExecutor:
 
     def __init__(self, trainer_kwargs: dict[str, Any] | None = None) -> None:
         self.trainer_kwargs = dict(trainer_kwargs or {})
+        # Under Slurm, Lightning would save and requeue a single local fit on SIGUSR1; the
+        # federation keeps its own checkpoints and requeues itself (fedmoe_pl.slurm).
+        self.plugins: list[Any] = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         for job in jobs:
@@ -85,6 +89,7 @@ class SequentialExecutor:
             enable_model_summary=False,
             num_sanity_val_steps=0,
             limit_val_batches=0,
+            plugins=self.plugins,
         )
         trainer.fit(job.client, datamodule=job.data)
         return job.client.train_loss

@@ -1,0 +1,222 @@
+"""A grid of experiments from one small YAML: axes of config overlays, times seeds.
+
+A grid file names a base config, the axes (each value one or more overlays), the seeds, extra
+arguments for every run, and where the runs go::
+
+    name: paper
+    base: [../paper/base.yaml]
+    axes:
+      dataset: {cifar10: ../paper/cifar10.yaml, cifar100: ../paper/cifar100.yaml}
+      method: ../methods/*.yaml          # a glob: one value per file, named after it
+    seeds: [0, 1, 2]
+    args: [--federation.rounds, "500"]
+    output: runs/paper
+    slurm: {partition: gpu, time: "1-00:00:00", gpus: 1, throttle: 16}
+
+Overlay paths are relative to the grid file; ``output`` is relative to the working directory.
+Every combination of one value per axis and one seed is a cell, run as ``fedmoe-pl fit`` with the
+base and the cell's overlays in order, into ``output/<value>-<value>-...-seed<k>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CELL_FILE = "cell.json"  # written into each cell's run directory: its axes, for the report
+_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a grid: its axis values, seed, overlays and run directory."""
+
+    name: str
+    axes: dict[str, str]
+    seed: int
+    configs: list[str]
+    args: list[str]
+    run_dir: str
+
+    def fit_args(self) -> list[str]:
+        """The ``fedmoe-pl fit`` arguments of this cell (with ``--resume`` if it has started)."""
+        argv = [arg for config in self.configs for arg in ("--config", config)]
+        argv += ["--seed_everything", str(self.seed), "--federation.run_dir", self.run_dir, "--wandb.name", self.name]
+        argv += [*self.args]
+        if (Path(self.run_dir) / "last.ckpt").exists():
+            argv += ["--resume", self.run_dir]
+        return argv
+
+    def status(self) -> str:
+        """``finished``, ``started`` (a checkpoint to resume from) or ``new``."""
+        summary = Path(self.run_dir) / "summary.json"
+        try:
+            if json.loads(summary.read_text()).get("status") == "completed":
+                return "finished"
+        except (OSError, ValueError):
+            pass
+        return "started" if (Path(self.run_dir) / "last.ckpt").exists() else "new"
+
+
+@dataclass
+class SlurmOptions:
+    """How the Slurm launcher asks for resources; every field may also be given as a flag.
+
+    Args:
+        partition: partition (``-p``); the cluster's default when unset.
+        time: time limit per task, in any form sbatch takes (``1-00:00:00``, ``90``).
+        gpus: GPUs per task (``--gres=gpu:N``); 0 for CPU jobs.
+        cpus_per_task: CPU cores per task (data loading and the evaluation run on the host).
+        mem: memory per task (``--mem``), e.g. ``16G``.
+        account: account to charge (``-A``).
+        throttle: at most this many tasks of the array run at once (``%N``); 0 for no limit.
+        signal_lead_s: seconds before the time limit at which Slurm sends SIGUSR1; the run then
+            keeps its last checkpoint and requeues itself. Slurm may send it up to a minute early.
+        extra: further ``#SBATCH`` options, e.g. ``["--qos=long", "--constraint=a100"]``.
+    """
+
+    partition: str | None = None
+    time: str | None = None
+    gpus: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None
+    account: str | None = None
+    throttle: int = 0
+    signal_lead_s: int = 120
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Grid:
+    """A parsed grid file; :meth:`cells` expands it."""
+
+    name: str
+    base: list[str]
+    axes: dict[str, dict[str, list[str]]]
+    seeds: list[int]
+    args: list[str]
+    output: str
+    slurm: SlurmOptions
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Grid:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise FileNotFoundError(f"cannot read the grid file {str(path)!r}: {err.strerror}") from err
+        if not isinstance(raw, dict):
+            raise ValueError(f"grid file {str(path)!r} must be a mapping with at least 'base' and 'axes'")
+        known = {"name", "base", "axes", "seeds", "args", "output", "slurm"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"grid file {str(path)!r}: unknown keys {unknown}; the keys are {sorted(known)}")
+        here = path.parent
+        name = str(raw.get("name", path.stem))
+        base = [_config_path(here, p, path) for p in _as_list(raw.get("base", []))]
+        axes = {str(axis): _axis_values(here, axis, spec, path) for axis, spec in (raw.get("axes") or {}).items()}
+        seeds = [int(s) for s in _as_list(raw.get("seeds", [0]))]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"grid file {str(path)!r}: seeds {seeds} must be a non-empty list without repeats")
+        slurm_raw = raw.get("slurm") or {}
+        try:
+            slurm = SlurmOptions(**slurm_raw)
+        except TypeError as err:
+            raise ValueError(f"grid file {str(path)!r}: slurm section: {err}") from err
+        args = [str(a) for a in _as_list(raw.get("args", []))]
+        output = str(raw.get("output", f"runs/grids/{name}"))
+        return cls(name, base, axes, seeds, args, output, slurm, source=str(path))
+
+    def cells(self) -> list[Cell]:
+        """Every combination of one value per axis and one seed, in a stable order."""
+        names = list(self.axes)
+        out = []
+        for values in product(*(self.axes[a].items() for a in names)):
+            for seed in self.seeds:
+                label = "-".join(v for v, _ in values) + f"-seed{seed}"
+                configs = [*self.base, *(c for _, files in values for c in files)]
+                axes = {a: v for a, (v, _) in zip(names, values)}
+                out.append(Cell(label, axes, seed, configs, list(self.args), str(Path(self.output) / label)))
+        return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _config_path(here: Path, value: Any, grid: Path) -> str:
+    path = Path(os.path.normpath(here / str(value)))
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file {str(grid)!r} names {value!r}, but {str(path)!r} is no file")
+    return str(path)
+
+
+def _axis_values(here: Path, axis: str, spec: Any, grid: Path) -> dict[str, list[str]]:
+    """An axis as ``{value: [overlay, ...]}``, from a mapping or a glob of overlay files."""
+    if isinstance(spec, str):
+        files = sorted(Path(os.path.normpath(f)) for f in here.glob(spec))
+        if not files:
+            raise FileNotFoundError(f"grid file {str(grid)!r}: axis {axis!r} glob {spec!r} matches no file")
+        values = {f.stem: [str(f)] for f in files}
+    elif isinstance(spec, dict) and spec:
+        values = {str(v): [_config_path(here, c, grid) for c in _as_list(files)] for v, files in spec.items()}
+    else:
+        raise ValueError(
+            f"grid file {str(grid)!r}: axis {axis!r} must map values to overlay files or be a glob, got {spec!r}"
+        )
+    for value in values:
+        if not _VALUE.match(value):
+            raise ValueError(
+                f"grid file {str(grid)!r}: axis {axis!r} value {value!r} may hold only letters, digits, '_' and '.'"
+                " (it becomes part of a directory name)"
+            )
+    return values
+
+
+def write_cell_file(cell: Cell) -> None:
+    """Record the cell's axes in its run directory (read by ``fedmoe-pl report``)."""
+    run_dir = Path(cell.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CELL_FILE).write_text(json.dumps(asdict(cell), indent=2) + "\n")
+
+
+def describe(cells: list[Cell]) -> str:
+    lines = [f"{len(cells)} cells"]
+    for i, cell in enumerate(cells):
+        lines.append(f"[{i}] {cell.name} ({cell.status()}): fedmoe-pl fit {' '.join(cell.fit_args())}")
+    return "\n".join(lines)
+
+
+def run_local(cells: list[Cell]) -> int:
+    """Run the unfinished cells one after another, each in its own process; return the exit code.
+
+    A failing cell is reported and the next one runs; a stop signal (exit 128 + N of a cell)
+    ends the grid, since its run directory keeps the last checkpoint and the same command resumes.
+    """
+    failed: list[str] = []
+    for i, cell in enumerate(cells):
+        if cell.status() == "finished":
+            print(f"[{i + 1}/{len(cells)}] {cell.name}: finished, skipped", flush=True)
+            continue
+        print(f"[{i + 1}/{len(cells)}] {cell.name}", flush=True)
+        write_cell_file(cell)
+        code = subprocess.run([sys.executable, "-m", "fedmoe_pl.cli", "fit", *cell.fit_args()]).returncode
+        if code > 128 or code < 0:
+            print(f"grid stopped by a signal in cell {cell.name}; run the same command to resume", file=sys.stderr)
+            return code if code > 128 else 128 - code
+        if code != 0:
+            failed.append(cell.name)
+    if failed:
+        print(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

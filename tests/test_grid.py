@@ -1,0 +1,186 @@
+"""The grid command: the paper's grid as cells, grid-file errors, the local launcher, the sbatch script."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import assert_same_run, snapshot, tiny_config
+
+from fedmoe_pl.cli import build_parser, main, subcommand_parser
+from fedmoe_pl.grid import Grid, run_local
+from fedmoe_pl.slurm import array_spec, requeue_self, sbatch_script
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "configs" / "grids" / "paper.yaml"
+METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
+# The paper's grid (reference protocol): dataset -> (source, classes per client); scale -> (N, C); zoo.
+DATASETS = {"cifar10": ("CIFAR10", 2), "cifar100": ("CIFAR100", 10)}
+SCALES = {"n10": (10, 1.0), "n50": (50, 0.2), "n100": (100, 0.1)}
+ZOOS = {"hetero": ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"], "homo": ["cnn1"]}
+SEEDS = (0, 1, 2)
+
+
+def test_dry_run_of_the_paper_grid_lists_every_cell_once(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["grid", str(PAPER), "--dry-run"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{2 * 3 * 2 * len(METHODS) * 3} cells"
+    names = Counter(line.split()[1] for line in lines[1:])
+    expected = {
+        f"{d}-{s}-{z}-{m}-seed{k}" for d in DATASETS for s in SCALES for z in ZOOS for m in METHODS for k in SEEDS
+    }
+    assert set(names) == expected and set(names.values()) == {1}
+    for line in lines[1:]:
+        assert "--seed_everything" in line and "--federation.run_dir runs/grids/paper/" in line
+
+
+def _paper_cells():
+    return [c for c in Grid.load(PAPER).cells() if c.seed == 0]
+
+
+@pytest.mark.parametrize("cell", _paper_cells(), ids=lambda c: c.name.removesuffix("-seed0"))
+def test_every_cell_of_the_paper_grid_builds(cell) -> None:
+    parser = subcommand_parser(build_parser(), "fit")
+    args = [a for a in cell.fit_args() if a != "--resume"]
+    init = parser.instantiate(parser.parse_args(args))
+    init.algorithm.check(init.client)  # the method's own check of the setting
+    axes = cell.axes
+    source, classes = DATASETS[axes["dataset"]]
+    assert type(init.data.source).__name__ == source
+    assert init.data.partitioner.classes_per_client == classes
+    assert (init.data.num_clients, init.federation.participation) == SCALES[axes["scale"]]
+    assert init.client.zoo == (["cnn1"] if axes["method"] == "fedavg" else ZOOS[axes["zoo"]])  # FedAvg: one model
+    assert (init.federation.rounds, init.client.lr, init.data.batch_size, init.data.split) == (500, 0.01, 64, "paper")
+    overlay = yaml.safe_load((ROOT / "configs" / "methods" / f"{axes['method']}.yaml").read_text())
+    assert type(init.algorithm).__name__ == overlay["algorithm"]["class_path"].rsplit(".", 1)[1]
+    assert init.federation.run_dir == cell.run_dir and init.seed_everything == 0
+
+
+def _grid_file(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"base": ["nope.yaml"], "axes": {}}, "'nope.yaml'"),
+        ({"axes": {"m": "methods/*.yaml"}}, "glob 'methods/*.yaml' matches no file"),
+        ({"axes": {"m": {"a b": "tiny.yaml"}}}, "value 'a b'"),
+        ({"axes": {}, "seeds": [1, 1]}, "without repeats"),
+        ({"axes": {}, "slurm": {"gpu": 1}}, "slurm section"),
+        ({"axis": {}}, "unknown keys ['axis']"),
+    ],
+)
+def test_a_bad_grid_file_is_refused_naming_what_is_wrong(tmp_path: Path, capsys, body, message) -> None:
+    tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["grid", str(_grid_file(tmp_path, body)), "--dry-run"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmoe-pl grid: error: ") and message in err
+
+
+def test_cells_compose_base_then_axis_overlays_in_order(tmp_path: Path) -> None:
+    tiny = tiny_config(tmp_path)
+    (tmp_path / "a.yaml").write_text("client: {lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("client: {lr: 0.2}\n")
+    grid = Grid.load(_grid_file(tmp_path, {"base": "tiny.yaml", "axes": {"lr": {"hi": ["a.yaml", "b.yaml"]}}}))
+    (cell,) = grid.cells()
+    assert cell.configs == [str(tiny), str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
+    assert (cell.name, cell.axes, cell.run_dir) == ("hi-seed0", {"lr": "hi"}, str(Path("runs/grids/grid/hi-seed0")))
+
+
+@pytest.mark.slow
+def test_local_grid_runs_new_cells_resumes_started_ones_and_skips_finished_ones(tmp_path: Path, capsys) -> None:
+    tiny_config(tmp_path)
+    (tmp_path / "moe.yaml").write_text("algorithm: {class_path: fedmoe_pl.algorithms.PFedMoE}\n")
+    (tmp_path / "alone.yaml").write_text("algorithm: {class_path: fedmoe_pl.algorithms.Standalone}\n")
+    grid_file = _grid_file(
+        tmp_path,
+        {
+            "base": "tiny.yaml",
+            "axes": {"method": {"moe": "moe.yaml", "alone": "alone.yaml"}},
+            "seeds": [7],
+            "args": ["--federation.rounds", "3"],
+            "output": str(tmp_path / "out"),
+        },
+    )
+    cells = {c.axes["method"]: c for c in Grid.load(grid_file).cells()}
+    moe, alone = cells["moe"], cells["alone"]
+    # `alone` was interrupted after round 1: a checkpoint and an interrupted summary.
+    main(["fit", *alone.fit_args(), "--federation.rounds", "1"])
+    summary = json.loads((Path(alone.run_dir) / "summary.json").read_text())
+    (Path(alone.run_dir) / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    assert (moe.status(), alone.status()) == ("new", "started")
+
+    assert run_local([moe, alone]) == 0
+    assert (moe.status(), alone.status()) == ("finished", "finished")
+    reference = tmp_path / "reference"
+    configs = [a for c in alone.configs for a in ("--config", c)]
+    main(
+        ["fit", *configs, "--seed_everything", "7", "--federation.rounds", "3", "--federation.run_dir", f"{reference}"]
+    )
+    assert_same_run(Path(alone.run_dir), reference)
+    assert json.loads((Path(moe.run_dir) / "cell.json").read_text())["axes"] == {"method": "moe"}
+
+    before = snapshot(tmp_path / "out")
+    capsys.readouterr()
+    assert run_local([moe, alone]) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 2
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_array_spec_compresses_indices_into_ranges() -> None:
+    assert array_spec([7, 0, 1, 2, 5, 8], throttle=4) == "0-2,5,7-8%4"
+    assert array_spec([3], throttle=0) == "3"
+
+
+def test_sbatch_script_requeues_on_usr1_and_takes_the_flags(tmp_path: Path, capsys) -> None:
+    tiny_config(tmp_path)
+    grid_file = _grid_file(
+        tmp_path,
+        {"base": "tiny.yaml", "axes": {}, "seeds": [0, 1, 2], "slurm": {"gpus": 2, "time": "10:00", "throttle": 5}},
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["grid", str(grid_file), "--launcher", "slurm", "--dry-run", "--partition", "gpu", "--throttle", "2"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for line in (
+        "#SBATCH --array=0-2%2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=10:00",
+        "#SBATCH --gres=gpu:2",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=USR1@120",
+    ):
+        assert line in out.splitlines()
+    assert "srun --ntasks=1" in out and "-m fedmoe_pl.slurm" in out and out.rstrip().endswith("$SLURM_ARRAY_TASK_ID")
+    grid = Grid.load(grid_file)
+    script = sbatch_script(grid, grid.slurm, tmp_path / "m" / "cells.json", [1], tmp_path)
+    assert "--account" not in script and "#SBATCH --array=1%5" in script
+
+
+def test_requeue_self_names_the_array_task(tmp_path: Path, monkeypatch) -> None:
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "called"}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert requeue_self()
+    assert (tmp_path / "called").read_text().split() == ["requeue", "12_3"]
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    assert requeue_self() and (tmp_path / "called").read_text().split() == ["requeue", "40"]
