@@ -50,7 +50,7 @@ class Cell:
     def fit_args(self) -> list[str]:
         """The ``fedmoe-pl fit`` arguments of this cell (with ``--resume`` if it has started)."""
         argv = [arg for config in self.configs for arg in ("--config", config)]
-        argv += ["--seed_everything", str(self.seed), "--federation.run_dir", self.run_dir, "--wandb.name", self.name]
+        argv += [f"--seed_everything={self.seed}", f"--federation.run_dir={self.run_dir}", f"--wandb.name={self.name}"]
         argv += [*self.args]
         if (Path(self.run_dir) / "last.ckpt").exists():
             argv += ["--resume", self.run_dir]
@@ -143,7 +143,7 @@ class Grid:
         out = []
         for values in product(*(self.axes[a].items() for a in names)):
             for seed in self.seeds:
-                label = "-".join(v for v, _ in values) + f"-seed{seed}"
+                label = "-".join([*(v for v, _ in values), f"seed{seed}"])
                 configs = [*self.base, *(c for _, files in values for c in files)]
                 axes = {a: v for a, (v, _) in zip(names, values)}
                 out.append(Cell(label, axes, seed, configs, list(self.args), str(Path(self.output) / label)))

@@ -38,7 +38,7 @@ def test_dry_run_of_the_paper_grid_lists_every_cell_once(capsys) -> None:
     }
     assert set(names) == expected and set(names.values()) == {1}
     for line in lines[1:]:
-        assert "--seed_everything" in line and "--federation.run_dir runs/grids/paper/" in line
+        assert "--seed_everything=" in line and "--federation.run_dir=runs/grids/paper/" in line
 
 
 def _paper_cells():
