@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import assert_same_run, tiny_config
 
 from fedmoe_pl.cli import main
 from fedmoe_pl.grid import Grid
-from helpers import assert_same_run, tiny_config
 
 pytestmark = pytest.mark.slow
 
