@@ -105,7 +105,7 @@ def _grid_parser() -> ArgumentParser:
 
 def _report_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Methods x settings table and accuracy plots over runs", allow_abbrev=False)
-    parser.add_argument("run_dirs", type=list[str], nargs="+", help="run directories, or grid outputs holding them")
+    parser.add_argument("run_dirs", type=str, nargs="+", help="run directories, or grid outputs holding them")
     parser.add_argument("--output", type=str, default="report", help="folder for report.md, report.csv and plots")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for the rounds-to-target column")
     return parser
@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     sub_parser = subcommand_parser(parser, command)
     sub_cfg = cfg[command]
     if command in ("grid", "report"):
-        raise SystemExit(_tool_command(command, sub_cfg))
+        code = _tool_command(command, sub_cfg)
+        if code:
+            raise SystemExit(code)
+        return
     try:
         if command == "fit" and sub_cfg.resume:
             _resume_in_place(sub_cfg)

@@ -26,6 +26,7 @@ from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.errors import ClientFailure, Interrupted
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, FitJob, SequentialExecutor
+from fedmoe_pl.flops import training_flops_per_sample
 from fedmoe_pl.models import model_name
 from fedmoe_pl.schedule import FederationConfig, clients_per_round, dropped_clients, fit_seed, sample_clients
 from fedmoe_pl.signals import StopSignals
@@ -44,6 +45,8 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # Slurm's tools on PATH outside a job: a run there is a single process, nothing to launch with srun.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 
 class Federation:
@@ -87,7 +90,8 @@ class Federation:
         ]
         algorithm.start(self.clients, seed, cfg.rounds)
         self.round = 0
-        self.totals = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0, "dropped": 0, "failed": 0}
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "train_flops": 0, "wall_s": 0.0, "dropped": 0, "failed": 0}
+        self._flops_per_sample: dict[str, float] = {}  # by model name: clients of one architecture cost the same
         self.shared_numel = [0] * data.num_clients  # elements of each client's last upload
         self.final: dict[str, Any] | None = None  # the last evaluated round's record
         self.best: dict[str, Any] | None = None  # the evaluated round with the best mean accuracy
@@ -154,6 +158,7 @@ class Federation:
             "failed": failed,
             "bytes_up": sum(payload_bytes(r.upload) for r in results),
             "bytes_down": bytes_down,
+            "train_flops": sum(self._training_flops(r) for r in results),
         }
         for r in results:
             self.shared_numel[r.client_id] = payload_numel(r.upload)
@@ -173,6 +178,14 @@ class Federation:
             restore_on_error=self.cfg.on_client_error == "drop",
         )
 
+    def _training_flops(self, result: ClientResult) -> int:
+        """FLOPs of a client's local fit: per-sample cost x samples x epochs."""
+        name = self.model_names[result.client_id]
+        if name not in self._flops_per_sample:
+            client, data = self.clients[result.client_id], self.data.clients[result.client_id]
+            self._flops_per_sample[name] = training_flops_per_sample(client, data)
+        return round(self._flops_per_sample[name] * result.num_samples * self.cfg.local_epochs)
+
     def _deliver(self, instructions: dict[int, Instruction]) -> int:
         """Apply the server's instructions to their clients; return the bytes of state sent."""
         sent = 0
@@ -186,7 +199,7 @@ class Federation:
 
     def _account(self, round_: int, record: dict[str, Any], seconds: float) -> None:
         self.round = round_
-        for key in ("bytes_up", "bytes_down"):
+        for key in ("bytes_up", "bytes_down", "train_flops"):
             self.totals[key] += record[key]
         self.totals["dropped"] += len(record["dropped"])
         self.totals["failed"] += len(record["failed"])
@@ -222,7 +235,8 @@ class Federation:
         self.algorithm.load_state_dict(state["server"])
         for client, client_state in zip(self.clients, state["clients"]):
             client.load_state_dict(client_state)
-        self.totals, self.shared_numel = dict(state["totals"]), list(state["shared_numel"])
+        self.totals = {**self.totals, **state["totals"]}  # checkpoints from before a total was added lack it
+        self.shared_numel = list(state["shared_numel"])
         self.final, self.best = state["final"], state["best"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])

@@ -1,0 +1,243 @@
+"""``fedmoe-pl report``: the paper-style table over many run directories, as markdown, CSV and plots.
+
+Runs are grouped by setting and method and summarised over seeds (mean ± sample std). A run
+started by ``fedmoe-pl grid`` names its method and setting in ``cell.json`` (the grid's axes);
+any other run is described by its config (dataset, N, C, zoo, method). Only completed runs
+count; the others are listed under the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fedmoe_pl.grid import CELL_FILE
+
+FIRST = ("pfedmoe", "standalone")  # listed first; the other methods alphabetically
+
+
+@dataclass
+class Run:
+    """What the report needs of one run directory."""
+
+    path: Path
+    method: str
+    setting: str
+    seed: int
+    summary: dict[str, Any]
+    rounds: list[int] = field(default_factory=list)
+    accs: list[float] = field(default_factory=list)
+
+    def rounds_to(self, target: float) -> int | None:
+        return next((r for r, a in zip(self.rounds, self.accs) if a >= target), None)
+
+    @property
+    def per_round(self) -> dict[str, float]:
+        done = max(self.summary["rounds"], 1)
+        s = self.summary
+        return {
+            "bytes_up": s["total_bytes_up"] / done,
+            "bytes_down": s["total_bytes_down"] / done,
+            "flops": s.get("total_train_flops", math.nan) / done,
+        }
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among ``paths`` and below them (a grid's output holds many)."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{str(path)!r} is not a directory; give run directories or a grid's output")
+        if (path / "summary.json").is_file():
+            found.append(path)
+        else:
+            found += sorted(p.parent for p in path.rglob("summary.json") if ".slurm" not in p.parts)
+    if not found:
+        raise FileNotFoundError(f"no run directory (a folder with summary.json) under {[str(p) for p in paths]}")
+    return list(dict.fromkeys(found))
+
+
+def _describe(config: dict[str, Any]) -> tuple[str, str]:
+    """(method, setting) of a run that was not started by a grid, from its resolved config."""
+    method = str(config["algorithm"]["class_path"]).rsplit(".", 1)[-1].lower()
+    data = config["data"]
+    source = str(data["source"]["class_path"]).rsplit(".", 1)[-1]
+    zoo = config["client"]["zoo"]
+    zoo_name = "hetero" if len(zoo) > 1 else str(zoo[0])
+    return method, f"{source}-N{data['num_clients']}-C{config['federation']['participation']}-{zoo_name}"
+
+
+def load_run(path: Path) -> Run:
+    summary = json.loads((path / "summary.json").read_text())
+    cell_file = path / CELL_FILE
+    if cell_file.is_file():
+        cell = json.loads(cell_file.read_text())
+        axes = dict(cell["axes"])
+        method = axes.pop("method", None)
+        seed = int(cell["seed"])
+        setting = "-".join(axes.values()) or "-"
+        if method is None:
+            method = _describe(yaml.safe_load((path / "config.yaml").read_text()))[0]
+    else:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        method, setting = _describe(config)
+        seed = int(config.get("seed_everything", 0))
+    run = Run(path, method, setting, seed, summary)
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("mean_acc") is not None:
+                run.rounds.append(int(row["round"]))
+                run.accs.append(float(row["mean_acc"]))
+    return run
+
+
+def _order(methods: set[str]) -> list[str]:
+    return [m for m in FIRST if m in methods] + sorted(methods - set(FIRST))
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarise(runs: list[Run], target: float) -> list[dict[str, Any]]:
+    """One row per (setting, method): mean and std over seeds of every column."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.setting, run.method)].append(run)
+    rows = []
+    for setting in sorted({s for s, _ in groups}):
+        for method in _order({m for s, m in groups if s == setting}):
+            group = sorted(groups[(setting, method)], key=lambda r: r.seed)
+            row: dict[str, Any] = {"setting": setting, "method": method, "seeds": " ".join(str(r.seed) for r in group)}
+            for key in ("final_mean_acc", "best_mean_acc", "wall_s"):
+                row[key], row[f"{key}_std"] = _stats([r.summary[key] for r in group])
+            reached = [r.rounds_to(target) for r in group]
+            hits = [x for x in reached if x is not None]
+            row["rounds_to_target"], row["rounds_to_target_std"] = _stats(hits) if hits else (math.nan, math.nan)
+            row["reached_target"] = f"{len(hits)}/{len(group)}"
+            for key in ("bytes_up", "bytes_down", "flops"):
+                row[f"{key}_per_round"] = float(np.mean([r.per_round[key] for r in group]))
+            rows.append(row)
+    return rows
+
+
+def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
+    return "-" if math.isnan(mean) else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _si(value: float, unit: str) -> str:
+    for prefix, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run]) -> str:
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    methods = _order({r["method"] for r in rows})
+    cell = {(r["setting"], r["method"]): r for r in rows}
+    out = [
+        "## Final mean client test accuracy (%), mean ± std over seeds",
+        "",
+        "| method | " + " | ".join(settings) + " |",
+        "|---|" + "---:|" * len(settings),
+    ]
+    for m in methods:
+        values = [
+            _pm(cell[(s, m)]["final_mean_acc"], cell[(s, m)]["final_mean_acc_std"]) if (s, m) in cell else ""
+            for s in settings
+        ]
+        out.append(f"| {m} | " + " | ".join(values) + " |")
+    for s in settings:
+        out += [
+            "",
+            f"## {s}",
+            "",
+            f"| method | seeds | final acc (%) | best acc (%) | rounds to {target:g} | bytes up / round "
+            "| bytes down / round | training FLOPs / round | wall s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m in methods:
+            if (s, m) not in cell:
+                continue
+            r = cell[(s, m)]
+            to_target = _pm(r["rounds_to_target"], r["rounds_to_target_std"], 1, 1)
+            out.append(
+                f"| {m} | {r['seeds']} | {_pm(r['final_mean_acc'], r['final_mean_acc_std'])} "
+                f"| {_pm(r['best_mean_acc'], r['best_mean_acc_std'])} | {to_target} ({r['reached_target']}) "
+                f"| {_si(r['bytes_up_per_round'], 'B')} | {_si(r['bytes_down_per_round'], 'B')} "
+                f"| {_si(r['flops_per_round'], 'FLOP')} | {_pm(r["wall_s"], r["wall_s_std"], 1, 1)} |"
+            )
+    if skipped:
+        out += ["", "Not counted (not completed):"]
+        out += [f"- {r.path} ({r.summary.get('status')}, {r.summary.get('rounds')} rounds)" for r in skipped]
+    return "\n".join(out) + "\n"
+
+
+def plot_curves(runs: list[Run], output: Path) -> list[Path]:
+    """Per setting, mean accuracy per round with a ± std band over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for setting in sorted({r.setting for r in runs}):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        group = [r for r in runs if r.setting == setting]
+        for method in _order({r.method for r in group}):
+            curves = [r for r in group if r.method == method and r.rounds]
+            if not curves:
+                continue
+            common = sorted(set.intersection(*(set(r.rounds) for r in curves)))
+            accs = np.array([[dict(zip(r.rounds, r.accs))[x] for x in common] for r in curves]) * 100
+            mean, std = accs.mean(0), accs.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
+            (line,) = ax.plot(common, mean, label=f"{method} (n={len(curves)})", lw=1.6)
+            ax.fill_between(common, mean - std, mean + std, color=line.get_color(), alpha=0.18, lw=0)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean client test accuracy (%)")
+        ax.set_title(f"{setting}: mean ± std over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        path = output / f"accuracy-{setting}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(paths: list[Path], output: Path, target: float = 0.9) -> list[dict[str, Any]]:
+    """Write ``report.md``, ``report.csv`` and one accuracy plot per setting; return the rows."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    done = [r for r in runs if r.summary.get("status") == "completed"]
+    skipped = [r for r in runs if r.summary.get("status") != "completed"]
+    if not done:
+        raise ValueError(f"none of the {len(runs)} runs found has completed; nothing to report")
+    rows = summarise(done, target)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.md").write_text(markdown(rows, target, skipped))
+    with open(output / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plots = plot_curves(done, output)
+    print((output / "report.md").read_text())
+    print(
+        f"{len(done)} runs in {len(rows)} (setting, method) groups; written: report.md, report.csv, "
+        + ", ".join(p.name for p in plots)
+        + f" in {output}"
+    )
+    return rows

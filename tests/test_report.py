@@ -1,0 +1,111 @@
+"""``fedmoe-pl report``: numbers equal the runs' own files; FLOPs are torch's own count."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import overlay, tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedmoe_pl.cli import main
+from fedmoe_pl.grid import Grid, write_cell_file
+from fedmoe_pl.models import build_model
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _csv(path: Path) -> dict[tuple[str, str], dict]:
+    with open(path) as f:
+        return {(r["setting"], r["method"]): r for r in csv.DictReader(f)}
+
+
+def test_training_flops_per_round_of_cnn1_are_torchs_count(tmp_path: Path, capsys) -> None:
+    config = tiny_config(tmp_path)
+    fedavg = overlay(tmp_path, "fedavg", {"algorithm": {"class_path": "fedmoe_pl.algorithms.FedAvg"}})
+    main(["fit", "--config", str(config), "--config", str(fedavg), "--client.zoo=[cnn1]"])
+    run = tmp_path / "run"
+
+    # Counted here on a fresh CNN-1 for the synthetic data's shape: 1 channel, 16x16, 6 classes.
+    model = build_model("cnn1", in_channels=1, image_size=16, num_classes=6)
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    per_sample = counter.get_total_flops() / 4
+    samples = sum(c["train_samples"] for c in json.loads((run / "summary.json").read_text())["clients"])
+    for row in _rows(run / "metrics.jsonl"):
+        assert row["train_flops"] == round(per_sample * samples)  # every client trains one epoch per round
+    assert json.loads((run / "summary.json").read_text())["total_train_flops"] == 2 * round(per_sample * samples)
+
+    capsys.readouterr()
+    main(["report", str(run), "--output", str(tmp_path / "report")])
+    (row,) = _csv(tmp_path / "report" / "report.csv").values()
+    assert float(row["flops_per_round"]) == round(per_sample * samples)
+
+
+def test_report_numbers_equal_the_cells_summaries(tmp_path: Path, capsys) -> None:
+    tiny_config(tmp_path)
+    (tmp_path / "moe.yaml").write_text("algorithm: {class_path: fedmoe_pl.algorithms.PFedMoE}\n")
+    (tmp_path / "alone.yaml").write_text("algorithm: {class_path: fedmoe_pl.algorithms.Standalone}\n")
+    (tmp_path / "few.yaml").write_text("data: {num_clients: 3}\n")
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": "tiny.yaml",
+                "axes": {"scale": {"n3": "few.yaml"}, "method": {"pfedmoe": "moe.yaml", "standalone": "alone.yaml"}},
+                "seeds": [7, 8],
+                "args": ["--federation.rounds=3"],
+                "output": str(tmp_path / "out"),
+            }
+        )
+    )
+    cells = Grid.load(grid_file).cells()
+    for cell in cells:  # in this process: what the local launcher runs in a child process
+        write_cell_file(cell)
+        main(["fit", *cell.fit_args()])
+    capsys.readouterr()
+    main(["report", str(tmp_path / "out"), "--output", str(tmp_path / "report"), "--target", "0.8"])
+
+    table = _csv(tmp_path / "report" / "report.csv")
+    assert set(table) == {("n3", "pfedmoe"), ("n3", "standalone")}
+    for method in ("pfedmoe", "standalone"):
+        runs = [Path(c.run_dir) for c in cells if c.axes["method"] == method]
+        summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+        row = table[("n3", method)]
+        assert row["seeds"] == "7 8"
+        for key in ("final_mean_acc", "best_mean_acc", "wall_s"):
+            values = [s[key] for s in summaries]
+            assert float(row[key]) == pytest.approx(np.mean(values), abs=1e-12)
+            assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+        assert float(row["bytes_up_per_round"]) == pytest.approx(np.mean([s["total_bytes_up"] / 3 for s in summaries]))
+        firsts = [next(m["round"] for m in _rows(r / "metrics.jsonl") if m["mean_acc"] >= 0.8) for r in runs]
+        assert float(row["rounds_to_target"]) == pytest.approx(np.mean(firsts))
+
+    md = (tmp_path / "report" / "report.md").read_text()
+    seed7 = json.loads((Path(cells[0].run_dir) / "summary.json").read_text())
+    assert "| method | n3 |" in md and "## n3" in md
+    assert (tmp_path / "report" / "accuracy-n3.png").stat().st_size > 10_000
+
+    # One run given directly: the table's numbers are that run's own (std 0 over one seed).
+    capsys.readouterr()
+    main(["report", cells[0].run_dir, "--output", str(tmp_path / "one")])
+    (row,) = _csv(tmp_path / "one" / "report.csv").values()
+    assert float(row["final_mean_acc"]) == seed7["final_mean_acc"] and float(row["final_mean_acc_std"]) == 0
+    assert f"{seed7['final_mean_acc'] * 100:.2f} ± 0.00" in (tmp_path / "one" / "report.md").read_text()
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(tmp_path), "--output", str(tmp_path / "r")])
+    assert done.value.code == 2
+    assert "no run directory (a folder with summary.json)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
