@@ -178,7 +178,7 @@ def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run]) -> s
                 f"| {m} | {r['seeds']} | {_pm(r['final_mean_acc'], r['final_mean_acc_std'])} "
                 f"| {_pm(r['best_mean_acc'], r['best_mean_acc_std'])} | {to_target} ({r['reached_target']}) "
                 f"| {_si(r['bytes_up_per_round'], 'B')} | {_si(r['bytes_down_per_round'], 'B')} "
-                f"| {_si(r['flops_per_round'], 'FLOP')} | {_pm(r["wall_s"], r["wall_s_std"], 1, 1)} |"
+                f"| {_si(r['flops_per_round'], 'FLOP')} | {_pm(r['wall_s'], r['wall_s_std'], 1, 1)} |"
             )
     if skipped:
         out += ["", "Not counted (not completed):"]
