@@ -47,12 +47,12 @@ class Cell:
     args: list[str]
     run_dir: str
 
-    def fit_args(self) -> list[str]:
-        """The ``fedmoe-pl fit`` arguments of this cell (with ``--resume`` if it has started)."""
+    def fit_args(self, resume: bool = True) -> list[str]:
+        """The ``fedmoe-pl fit`` arguments of this cell (with ``--resume`` if it has started and ``resume``)."""
         argv = [arg for config in self.configs for arg in ("--config", config)]
         argv += [f"--seed_everything={self.seed}", f"--federation.run_dir={self.run_dir}", f"--wandb.name={self.name}"]
         argv += [*self.args]
-        if (Path(self.run_dir) / "last.ckpt").exists():
+        if resume and (Path(self.run_dir) / "last.ckpt").exists():
             argv += ["--resume", self.run_dir]
         return argv
 

@@ -46,7 +46,7 @@ def _paper_cells():
 @pytest.mark.parametrize("cell", _paper_cells(), ids=lambda c: c.name.removesuffix("-seed0"))
 def test_every_cell_of_the_paper_grid_builds(cell) -> None:
     parser = subcommand_parser(build_parser(), "fit")
-    args = [a for a in cell.fit_args() if a != "--resume"]
+    args = cell.fit_args(resume=False)
     init = parser.instantiate(parser.parse_args(args))
     init.algorithm.check(init.client)  # the method's own check of the setting
     axes = cell.axes
@@ -180,3 +180,14 @@ def test_requeue_self_names_the_array_task(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     assert requeue_self() and (tmp_path / "called").read_text().split() == ["requeue", "40"]
+
+
+@pytest.mark.parametrize("grid_file", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_cell_of_every_shipped_grid_parses(grid_file: Path) -> None:
+    parser = subcommand_parser(build_parser(), "fit")
+    cells = Grid.load(grid_file).cells()
+    assert len({c.run_dir for c in cells}) == len(cells)  # no two cells share a run directory
+    for cell in cells:
+        if cell.seed == cells[0].seed:
+            cfg = parser.parse_args(cell.fit_args(resume=False))
+            assert cfg.federation.run_dir == cell.run_dir and cfg.wandb.name == cell.name
