@@ -21,6 +21,7 @@ from fedmoe_pl.errors import Interrupted, RunError
 from fedmoe_pl.experiment import Experiment, fit
 from fedmoe_pl.federation import FederationConfig, quiet_lightning
 from fedmoe_pl.rundir import RunDirectory
+from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.tracking import WandbConfig
 
 # Trainer arguments the federation sets itself: one device, one local fit, nothing logged.
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(code)
         return
     try:
+        if command == "fit":
+            _sweep_run_dir(sub_cfg)
         if command == "fit" and sub_cfg.resume:
             _resume_in_place(sub_cfg)
         exp = _experiment(sub_parser, sub_cfg)
@@ -222,6 +225,22 @@ def _tool_command(command: str, cfg: Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _sweep_run_dir(cfg: Namespace) -> None:
+    """Under a W&B sweep agent: the run directory derives from the sweep run's id; resume it if it holds a run."""
+    sweep = SweepRun.from_env()
+    if sweep is None or cfg.resume:
+        return
+    run_dir = sweep.run_dir(cfg.federation.run_dir)
+    cfg.federation.run_dir = str(run_dir)
+    if RunDirectory(run_dir).holds_run():
+        cfg.resume = str(run_dir)
+        print(f"fedmoe-pl fit: W&B sweep run {sweep.run_id} was started before; resuming {run_dir}", file=sys.stderr)
+    else:
+        print(
+            f"fedmoe-pl fit: W&B sweep {sweep.sweep_id}, run {sweep.run_id}: run directory {run_dir}", file=sys.stderr
+        )
 
 
 def _resume_in_place(cfg: Namespace) -> None:

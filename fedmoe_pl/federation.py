@@ -210,6 +210,9 @@ class Federation:
             self.final = record
             if self.best is None or record["mean_acc"] > self.best["mean_acc"]:
                 self.best = record
+            # The running best, in every evaluated round's history: what a sweep optimises and
+            # early termination (Hyperband) reads, even from a run that never writes its summary.
+            record["best_mean_acc"] = self.best["mean_acc"]
 
     # -- state --------------------------------------------------------------------------------
 

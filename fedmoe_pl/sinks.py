@@ -101,6 +101,8 @@ class Wandb(Sink):
     def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
         try:
             self.tracker.summary({k: v for k, v in summary.items() if k != "clients"})
+            if summary["status"] == "interrupted":
+                self.tracker.mark_preempting()  # resumable: a sweep hands the run out again
             self.tracker.finish(exit_code=0 if summary["status"] == "completed" else 1)
         except Exception as err:
             log.error("W&B could not finish the run: %s", err)

@@ -1,14 +1,17 @@
-"""Weights & Biases logging, offline unless asked otherwise, never waiting on the network."""
+"""Weights & Biases logging: offline unless asked otherwise (or run by a sweep agent), never waiting on the network."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from fedmoe_pl.sweep import SweepRun
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +21,10 @@ class WandbConfig:
     """Weights & Biases settings.
 
     Args:
-        mode: ``offline`` (default: the run is stored in the run directory, sync it later with
-            ``wandb sync``), ``online``, or ``disabled``. The WANDB_MODE environment variable,
-            when set, wins over this value.
+        mode: ``offline`` (the run is stored in the run directory, sync it later with ``wandb
+            sync``), ``online``, or ``disabled``. Unset, it is ``offline``, or ``online`` for a
+            run launched by a W&B sweep agent (the sweep needs its metrics). The WANDB_MODE
+            environment variable, when set, wins over this value.
         project: W&B project name.
         entity: W&B team or user.
         name: run name; defaults to the run directory's name.
@@ -28,7 +32,7 @@ class WandbConfig:
         tags: run tags.
     """
 
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: Literal["offline", "online", "disabled"] | None = None
     project: str = "fedmoe-pl"
     entity: str | None = None
     name: str | None = None
@@ -54,11 +58,31 @@ def _server_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def resolve_mode(configured: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The W&B mode of a run and what chose it: WANDB_MODE, then ``wandb.mode``, then the default."""
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"], "WANDB_MODE"
+    if configured is not None:
+        return configured, "wandb.mode"
+    if SweepRun.from_env(environ) is not None:
+        return "online", "a W&B sweep agent launched the run"
+    return "offline", "the default"
+
+
 class WandbTracker:
     """One W&B run per experiment; metrics logged with ``step = round``."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> None:
-        self.mode = os.environ.get("WANDB_MODE", cfg.mode)
+        self.mode, chosen_by = resolve_mode(cfg.mode)
+        sweep = SweepRun.from_env()
+        if sweep is not None and self.mode != "online":
+            log.warning(
+                "launched by W&B sweep %s, but %s sets W&B to %s: the sweep receives no metrics from "
+                "this run and may hand its parameters out again. Unset it for sweep runs",
+                sweep.sweep_id,
+                chosen_by,
+                self.mode,
+            )
         self.run: Any = None
         if self.mode == "disabled":
             return
@@ -129,6 +153,11 @@ class WandbTracker:
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(values)
+
+    def mark_preempting(self) -> None:
+        """Tell W&B the run stopped to be resumed (a sweep then hands it out again)."""
+        if self.run is not None:
+            self.run.mark_preempting()
 
     def finish(self, exit_code: int = 0) -> None:
         """End the W&B run; a non-zero ``exit_code`` marks it failed (or interrupted) in W&B."""
