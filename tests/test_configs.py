@@ -8,9 +8,9 @@ from fedmoe_pl.cli import build_parser, subcommand_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("methods", "grids"))
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("methods", "grids", "sweeps"))
 METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
-# The paper's grid cells (configs/grids/paper.yaml) are built in test_grid.py.
+# Grid files and their cells are checked in test_grid.py, sweep files in test_sweeps.py.
 
 
 def instantiate(*configs: Path):
