@@ -1,4 +1,12 @@
-"""Evaluation: each client's model on its own test set, on one device chosen once for the run."""
+"""Evaluation: each client's model on its own test set, scored with torchmetrics in this one place.
+
+Per client: accuracy, per-class accuracy (the classes in its test set) and, in the last round,
+a confusion matrix. Over clients: mean, sample-weighted mean, std and minimum; clients with an
+empty test shard are left out of every average and listed. For a method whose clients report
+per-sample gate weights (an extra named ``gate_*``, as pFedMoE's weight on the global expert),
+the weights are summarised per (client, class) — mean and quantiles — and as a histogram, with
+the spread within each client telling an input-dependent gate from a collapsed one.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +15,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix, multiclass_stat_scores
 
 from fedmoe_pl.algorithms import FederatedClient
 from fedmoe_pl.data import ClientDataModule
 
+GATE_BINS = 10  # histogram bins over [0, 1]
+QUANTILES = (0.1, 0.5, 0.9)
+COLLAPSED_STD = 0.01  # a gate whose weights vary less than this within a client is called collapsed
+
+
+def _r(value: float | torch.Tensor) -> float:
+    return round(float(value), 4)  # metrics.jsonl stays compact
+
 
 class Evaluator:
-    """Per-client accuracy and diagnostics, and their means over clients.
+    """Scores clients on their test shards; see the module docstring for what it reports.
 
-    Runs outside a Trainer (a plain inference loop per client), which keeps the per-round cost
-    low. Clients without test samples are left out of every mean.
+    Runs outside a Trainer (a plain inference loop per client), which keeps the per-round cost low.
 
     Args:
         device: where to evaluate; the experiment passes the device its Trainers train on.
@@ -25,29 +41,103 @@ class Evaluator:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
 
-    def __call__(self, clients: Sequence[FederatedClient], data: Sequence[ClientDataModule]) -> dict[str, Any]:
-        results: dict[int, dict[str, float]] = {}
+    @torch.inference_mode()
+    def predict(
+        self, client: FederatedClient, shard: ClientDataModule
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Predicted labels, true labels and per-sample extras over the client's whole test set."""
+        was_training = client.training
+        client.to(self.device).eval()
+        preds: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        extras: dict[str, list[torch.Tensor]] = {}
+        try:
+            for x, y in shard.eval_batches(self.device):
+                logits, more = client.predict_with_extras(x)
+                preds.append(logits.argmax(1))
+                labels.append(y)
+                for key, value in more.items():
+                    extras.setdefault(key, []).append(value.float())
+        finally:
+            client.train(was_training).to("cpu")
+        return torch.cat(preds), torch.cat(labels), {k: torch.cat(v) for k, v in extras.items()}
+
+    def __call__(
+        self,
+        clients: Sequence[FederatedClient],
+        data: Sequence[ClientDataModule],
+        num_classes: int,
+        confusion: bool = False,
+    ) -> dict[str, Any]:
+        per_client: dict[int, dict[str, Any]] = {}
         sizes: dict[int, int] = {}
+        empty: list[int] = []
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
         for client, shard in zip(clients, data):
+            cid = client.client_id
             if shard.num_test == 0:
+                empty.append(cid)
                 continue
-            client.to(self.device)
-            results[client.client_id] = client.evaluate(shard.eval_batches(self.device))
-            sizes[client.client_id] = shard.num_test
-            client.to("cpu")
-        if not results:
-            return {"mean_acc": None}
-        ids = sorted(results)
-        accs = np.array([results[cid]["acc"] for cid in ids])
+            preds, labels, extras = self.predict(client, shard)
+            per_client[cid] = score(preds, labels, extras, num_classes)
+            sizes[cid] = len(labels)
+            if confusion:
+                matrix += multiclass_confusion_matrix(preds, labels, num_classes).cpu()
+        out: dict[str, Any] = {"mean_acc": None, "no_test_clients": empty}
+        if not per_client:
+            return out
+        ids = sorted(per_client)
+        accs = np.array([per_client[cid]["acc"] for cid in ids])
         counts = np.array([sizes[cid] for cid in ids])
-        out: dict[str, Any] = {
-            "mean_acc": float(accs.mean()),
-            "weighted_acc": float((accs * counts).sum() / counts.sum()),
-            "std_acc": float(accs.std()),
-            "min_acc": float(accs.min()),
-            "client_acc": {str(cid): results[cid]["acc"] for cid in ids},
-        }
-        extras = {key for r in results.values() for key in r if key != "acc"}
-        for key in sorted(extras):
-            out[f"client_{key}"] = {str(cid): results[cid][key] for cid in ids if key in results[cid]}
+        out.update(
+            mean_acc=float(accs.mean()),
+            weighted_acc=float((accs * counts).sum() / counts.sum()),
+            std_acc=float(accs.std()),
+            min_acc=float(accs.min()),
+            client_acc={str(cid): per_client[cid]["acc"] for cid in ids},
+        )
+        out["client_class_acc"] = {str(cid): per_client[cid]["class_acc"] for cid in ids}
+        for field, name in (("means", "client_{}"), ("gate", "{}")):
+            for key in sorted({k for cid in ids for k in per_client[cid][field]}):
+                out[name.format(key)] = {str(c): per_client[c][field][key] for c in ids if key in per_client[c][field]}
+        for key in [k for k in out if k.endswith("_spread")]:
+            out[f"{key.removesuffix('_spread')}_collapsed"] = [int(c) for c, v in out[key].items() if v < COLLAPSED_STD]
+        if confusion:
+            out["confusion"] = matrix.tolist()
         return out
+
+
+def score(
+    preds: torch.Tensor, labels: torch.Tensor, extras: dict[str, torch.Tensor], num_classes: int
+) -> dict[str, Any]:
+    """One client's scores: accuracy, per-class accuracy, means of extras, gate analytics."""
+    # Counts (true positives, support) from torchmetrics, divided in float64: exactly the hand count.
+    tp, *_, support = multiclass_stat_scores(preds, labels, num_classes, average="micro").tolist()
+    per_class = multiclass_stat_scores(preds, labels, num_classes, average="none").tolist()  # (C, 5)
+    present = [c for c in range(num_classes) if per_class[c][4] > 0]
+    out: dict[str, Any] = {
+        "acc": tp / support,
+        "class_acc": {str(c): _r(per_class[c][0] / per_class[c][4]) for c in present},
+        "means": {key: float(values.mean()) for key, values in extras.items()},
+        "gate": {},
+    }
+    for key, values in extras.items():
+        if key.startswith("gate"):
+            out["gate"].update(gate_analytics(key, values, labels, present))
+    return out
+
+
+def gate_analytics(key: str, weights: torch.Tensor, labels: torch.Tensor, present: list[int]) -> dict[str, Any]:
+    """Per-class mean and quantiles, a histogram over [0, 1] and the spread of one client's gate weights."""
+    w = weights.double().cpu()
+    y = labels.cpu()
+    q = torch.tensor(QUANTILES, dtype=torch.double)
+    out: dict[str, Any] = {f"{key}_class_mean": {}, **{f"{key}_class_q{int(p * 100)}": {} for p in QUANTILES}}
+    for c in present:
+        wc = w[y == c]
+        out[f"{key}_class_mean"][str(c)] = _r(wc.mean())
+        for p, value in zip(QUANTILES, torch.quantile(wc, q)):
+            out[f"{key}_class_q{int(p * 100)}"][str(c)] = _r(value)
+    out[f"{key}_hist"] = torch.histc(w.clamp(0, 1), bins=GATE_BINS, min=0, max=1).long().tolist()
+    out[f"{key}_spread"] = _r(w.std(unbiased=False))
+    return out

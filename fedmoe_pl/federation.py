@@ -164,7 +164,8 @@ class Federation:
             self.shared_numel[r.client_id] = payload_numel(r.upload)
         if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
             ids = range(len(self.clients)) if self.cfg.eval_clients == "all" else sampled
-            record.update(self.evaluator([self.clients[cid] for cid in ids], [self.data.clients[cid] for cid in ids]))
+            clients, shards = [self.clients[cid] for cid in ids], [self.data.clients[cid] for cid in ids]
+            record.update(self.evaluator(clients, shards, self.data.num_classes, confusion=round_ == self.cfg.rounds))
         return record
 
     # -- helpers of one round -------------------------------------------------------------------
@@ -261,6 +262,8 @@ class Federation:
             **{f"total_{key}": value for key, value in self.totals.items() if key != "wall_s"},
             "wall_s": self.totals["wall_s"],
             "partition_fingerprint": self.data.fingerprint,
+            "no_test_clients": final.get("no_test_clients", []),
+            "confusion": final.get("confusion"),  # summed over clients, in the last round: rows true, columns predicted
             "clients": [
                 {
                     "id": cid,

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from fedmoe_pl.sweep import SweepRun
 
 log = logging.getLogger(__name__)
@@ -123,23 +125,36 @@ class WandbTracker:
         return None if self.run is None else str(self.run.id)
 
     def log(
-        self, metrics: dict[str, Any], step: int, tables: dict[str, tuple[list[Any], list[list[Any]]]] | None = None
+        self,
+        metrics: dict[str, Any],
+        step: int,
+        tables: dict[str, tuple[list[Any], list[list[Any]]]] | None = None,
+        histograms: dict[str, dict[str, list[int]]] | None = None,
     ) -> None:
-        """Log scalars and (columns, rows) tables in one W&B step."""
+        """Log scalars, (columns, rows) tables and per-client histograms over [0, 1] in one W&B step."""
         if self.run is None:
             return
         payload = dict(metrics)
-        if tables:
+        if tables or histograms:
             import wandb
 
-            payload.update({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()})
+            payload.update({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in (tables or {}).items()})
+            for key, per_client in (histograms or {}).items():
+                for client, counts in per_client.items():
+                    edges = np.linspace(0, 1, len(counts) + 1)
+                    payload[f"{key}/{client}"] = wandb.Histogram(np_histogram=(np.asarray(counts), edges))
         self.run.log(payload, step=step)
 
     def log_round(self, record: dict[str, Any], model_names: list[str]) -> None:
-        """One round's record: scalars, per-client values as ``key/client``, and a per-client table."""
-        flat = {k: v for k, v in record.items() if not isinstance(v, dict | list) and k != "round"}
+        """One round's record at ``step = round``: scalars; per-client values as ``key/client``; a
+        per-client table; per-(client, class) values as tables; ``*_hist`` counts as histograms."""
+        flat = {k: v for k, v in record.items() if isinstance(v, int | float | None) and k != "round"}
         flat.update(num_dropped=len(record.get("dropped", [])), num_failed=len(record.get("failed", [])))
-        per_client = {k: v for k, v in record.items() if isinstance(v, dict)}
+        per_client = {
+            k: v
+            for k, v in record.items()
+            if isinstance(v, dict) and all(not isinstance(x, dict | list) for x in v.values())
+        }
         for key, values in per_client.items():
             flat.update({f"{key}/{k}": v for k, v in values.items()})
         tables = {}
@@ -148,7 +163,16 @@ class WandbTracker:
             ids = sorted(per_client["client_acc"], key=int)
             rows = [[int(k), model_names[int(k)], *(per_client[c].get(k) for c in per_client)] for k in ids]
             tables["clients"] = (columns, rows)
-        self.log(flat, step=record["round"], tables=tables)
+        by_class = {
+            k: v for k, v in record.items() if isinstance(v, dict) and any(isinstance(x, dict) for x in v.values())
+        }
+        for key, values in by_class.items():
+            rows = [
+                [int(c), model_names[int(c)], int(label), x] for c, row in values.items() for label, x in row.items()
+            ]
+            tables[key] = (["client", "model", "class", key], rows)
+        hists = {k: v for k, v in record.items() if k.endswith("_hist") and isinstance(v, dict)}
+        self.log(flat, step=record["round"], tables=tables, histograms=hists)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

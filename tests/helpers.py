@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fedmoe_pl.tracking import WandbTracker
+
 
 def tiny_config(tmp_path: Path, **federation: Any) -> Path:
     """3 clients with 2 classes each on synthetic 16x16 data, 2 rounds, heterogeneous zoo."""
@@ -87,3 +89,14 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert sa["round"] == sb["round"]
     for ca, cb in zip(sa["clients"], sb["clients"]):
         assert all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+class RecordingTracker(WandbTracker):
+    """A W&B tracker without a W&B run that records each ``log``: (metrics, step, tables, histograms)."""
+
+    def __init__(self) -> None:
+        self.run = None
+        self.calls: list[tuple[dict, int, dict, dict]] = []
+
+    def log(self, metrics, step, tables=None, histograms=None) -> None:
+        self.calls.append((metrics, step, tables or {}, histograms or {}))

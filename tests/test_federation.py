@@ -1,4 +1,5 @@
 import pytest
+from helpers import RecordingTracker
 
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientConfig, PFedMoE, Standalone
@@ -6,16 +7,6 @@ from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
 from fedmoe_pl.federation import Federation, FederationConfig, clients_per_round, sample_clients
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.sinks import MetricsFile, Sink, Wandb
-from fedmoe_pl.tracking import WandbTracker
-
-
-class RecordingTracker(WandbTracker):
-    def __init__(self) -> None:
-        self.run = None
-        self.calls: list[tuple[dict, int, dict]] = []
-
-    def log(self, metrics, step, tables=None) -> None:
-        self.calls.append((metrics, step, tables or {}))
 
 
 def small_federation(
@@ -66,10 +57,10 @@ def test_each_round_is_logged_once_with_step_equal_to_round(tmp_path) -> None:
     tracker, run_dir = RecordingTracker(), RunDirectory(tmp_path)
     sinks = [MetricsFile(run_dir), Wandb(tracker)]
     small_federation(tmp_path, PFedMoE(gate_hidden=8), rounds=3, eval_every=2, sinks=sinks).run()
-    steps = [step for _, step, _ in tracker.calls]
+    steps = [step for _, step, *_ in tracker.calls]
     assert steps == [1, 2, 3]
     assert [r["round"] for r in run_dir.read_metrics()] == [2, 3]  # evaluated rounds, plus always the last
-    metrics, _, tables = tracker.calls[1]
+    metrics, _, tables, _ = tracker.calls[1]
     for key in (
         "mean_acc",
         "weighted_acc",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import assert_same_run, tiny_config
+from helpers import RecordingTracker, assert_same_run, tiny_config
 
 from fedmoe_pl.cli import build_parser, main, subcommand_parser
 from fedmoe_pl.tracking import WandbConfig, WandbTracker, resolve_mode
@@ -174,15 +174,13 @@ def test_sweep_metric_is_logged_to_wandb_history_every_evaluated_round(tmp_path:
     from fedmoe_pl.experiment import build_federation
     from fedmoe_pl.sinks import Wandb
 
-    logged: list[tuple[int, dict[str, Any]]] = []
-    tracker = WandbTracker(WandbConfig(mode="disabled"), tmp_path, {})
-    tracker.log = lambda metrics, step, tables=None: logged.append((step, metrics))  # type: ignore[method-assign]
+    tracker = RecordingTracker()
     parser = subcommand_parser(build_parser(), "fit")
     exp = _experiment(parser, parser.parse_args(["--config", str(tiny_config(tmp_path, rounds=3, eval_every=1))]))
     exp.data.setup(exp.seed)
     build_federation(exp, [Wandb(tracker)]).run()
-    assert [step for step, _ in logged] == [1, 2, 3]
+    assert [step for _, step, *_ in tracker.calls] == [1, 2, 3]
     running = 0.0
-    for _, metrics in logged:
+    for metrics, *_ in tracker.calls:
         running = max(running, metrics["mean_acc"])
         assert metrics["best_mean_acc"] == running

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +101,11 @@ class FederatedClient(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and per-sample diagnostics (for example gate weights) to average at evaluation."""
+        """Logits and per-sample diagnostics, shape (B,), that the evaluator averages per client.
+
+        An extra named ``gate_*`` (a weight in [0, 1]) is also summarised per class and as a
+        histogram (:mod:`fedmoe_pl.evaluation`).
+        """
         return self(x), {}
 
     def upload(self) -> Payload:
@@ -141,23 +144,3 @@ class FederatedClient(L.LightningModule):
     def train_loss(self) -> float:
         """Mean training loss of the last local epoch."""
         return float(self._loss_sum) / max(self._loss_steps, 1)
-
-    # -- evaluation outside a Trainer ---------------------------------------------------
-
-    @torch.inference_mode()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Accuracy (and averaged diagnostics) over already-normalized batches."""
-        was_training = self.training
-        self.eval()
-        correct, seen = 0, 0
-        sums: dict[str, torch.Tensor] = {}
-        for x, y in batches:
-            logits, extras = self.predict_with_extras(x)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            for key, value in extras.items():
-                sums[key] = sums.get(key, 0) + value.sum()  # type: ignore[operator]
-        self.train(was_training)
-        out = {"acc": correct / max(seen, 1)}
-        out.update({key: float(v) / max(seen, 1) for key, v in sums.items()})
-        return out

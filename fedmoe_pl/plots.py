@@ -1,0 +1,197 @@
+"""Pictures of a run, drawn from its directory alone (``metrics.jsonl``, ``summary.json``, ``partition.json``).
+
+Written at the end of every run and by ``fedmoe-pl plot RUN_DIR`` (also for an interrupted run):
+
+- ``accuracy.png``: mean client test accuracy per round, the spread over clients (± std, min);
+- ``client_accuracy.png``: each client's final test accuracy, coloured by its model;
+- ``communication.png``: bytes up and down per round;
+- for a method with a gate (pFedMoE): ``gate_by_class.png``, the client-by-class mean gate weight
+  on the global expert in the last evaluated round, and ``gate_histograms.png``, the
+  distribution of per-sample gate weights of a few clients over the rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HIST_CLIENTS = 4  # clients shown in the gate-histogram figure
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl: is it a run directory with a finished round?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def class_names(run_dir: Path, num_classes: int) -> list[str]:
+    """The dataset's class names from ``partition.json``, or the label numbers."""
+    try:
+        names = json.loads((run_dir / "partition.json").read_text()).get("classes")
+    except (OSError, ValueError):
+        names = None
+    return list(names) if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_accuracy(rows: list[dict[str, Any]], out: Path) -> Path:
+    plt = _pyplot()
+    evaluated = [r for r in rows if r.get("mean_acc") is not None]
+    rounds = [r["round"] for r in evaluated]
+    mean = np.array([r["mean_acc"] for r in evaluated]) * 100
+    std = np.array([r.get("std_acc", 0.0) for r in evaluated]) * 100
+    low = np.array([r.get("min_acc", r["mean_acc"]) for r in evaluated]) * 100
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(rounds, mean, marker="o", ms=3, lw=1.8, color="C0", label="mean over clients")
+    ax.fill_between(rounds, mean - std, np.minimum(mean + std, 100), color="C0", alpha=0.2, lw=0, label="± std")
+    ax.plot(rounds, low, ls=":", color="C3", lw=1.2, label="worst client")
+    ax.set(xlabel="round", ylabel="client test accuracy (%)", title="Mean client test accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, out / "accuracy.png")
+
+
+def plot_client_accuracy(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> Path:
+    plt = _pyplot()
+    last = next(r for r in reversed(rows) if r.get("client_acc"))
+    clients = summary.get("clients") or []
+    models = {c["id"]: c["model"] for c in clients}
+    ids = sorted(int(k) for k in last["client_acc"])
+    accs = [last["client_acc"][str(i)] * 100 for i in ids]
+    names = sorted({models.get(i, "?") for i in ids})
+    colours = {m: f"C{k % 10}" for k, m in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(ids) + 3), 4))
+    ax.bar([str(i) for i in ids], accs, color=[colours[models.get(i, "?")] for i in ids])
+    for name in names:
+        ax.bar([], [], color=colours[name], label=name)
+    ax.set(xlabel="client", ylabel="test accuracy (%)", ylim=(0, 100))
+    ax.set_title(f"Test accuracy per client after round {last['round']}")
+    if len(ids) > 30:
+        ax.set_xticks(range(0, len(ids), max(1, len(ids) // 20)))
+    ax.legend(title="model", fontsize=8, ncol=min(len(names), 5), loc="lower right")
+    return _save(fig, out / "client_accuracy.png")
+
+
+def plot_communication(rows: list[dict[str, Any]], out: Path) -> Path:
+    plt = _pyplot()
+    rounds = [r["round"] for r in rows]
+    up = np.array([r["bytes_up"] for r in rows]) / 1e6
+    down = np.array([r["bytes_down"] for r in rows]) / 1e6
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.4
+    ax.bar(np.array(rounds) - width / 2, up, width, label="up (clients to server)")
+    ax.bar(np.array(rounds) + width / 2, down, width, label="down (server to clients)")
+    ax.set(xlabel="round", ylabel="MB per round", title="Communication per round")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out / "communication.png")
+
+
+def plot_gate_by_class(
+    rows: list[dict[str, Any]], summary: dict[str, Any], gate: str, classes: list[str], out: Path
+) -> Path:
+    plt = _pyplot()
+    last = next(r for r in reversed(rows) if r.get(f"{gate}_class_mean"))
+    means = last[f"{gate}_class_mean"]
+    ids = sorted(int(k) for k in means)
+    grid = np.full((len(ids), len(classes)), np.nan)
+    for row, cid in enumerate(ids):
+        for label, value in means[str(cid)].items():
+            grid[row, int(label)] = value
+    models = {c["id"]: c["model"] for c in summary.get("clients") or []}
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(classes) + 2.5), max(3, 0.3 * len(ids) + 1.6)))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    if len(ids) * len(classes) <= 400:
+        for (r, c), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w" if value < 0.6 else "k")
+    ax.set_xticks(range(len(classes)), classes, rotation=45 if max(map(len, classes)) > 3 else 0, ha="right")
+    step = max(1, len(ids) // 25)
+    ax.set_yticks(range(0, len(ids), step), [f"{ids[i]} ({models.get(ids[i], '?')})" for i in range(0, len(ids), step)])
+    ax.set(xlabel="class (blank: not in the client's test set)", ylabel="client (model)")
+    ax.set_title(f"Mean gate weight on the global expert, round {last['round']}")
+    fig.colorbar(image, ax=ax, label="weight on global expert (0 = local only, 1 = global only)")
+    return _save(fig, out / "gate_by_class.png")
+
+
+def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], gate: str, out: Path) -> Path:
+    plt = _pyplot()
+    evaluated = [r for r in rows if r.get(f"{gate}_hist")]
+    ids = sorted(int(k) for k in evaluated[-1][f"{gate}_hist"])[:HIST_CLIENTS]
+    models = {c["id"]: c["model"] for c in summary.get("clients") or []}
+    bins = len(evaluated[-1][f"{gate}_hist"][str(ids[0])])
+    fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids) + 1, 3.6), squeeze=False, sharey=True)
+    image = None
+    for ax, cid in zip(axes[0], ids):
+        counts = np.array([r[f"{gate}_hist"].get(str(cid), [0] * bins) for r in evaluated], dtype=float)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        rounds = [r["round"] for r in evaluated]
+        image = ax.imshow(
+            share,
+            aspect="auto",
+            origin="lower",
+            cmap="magma",
+            vmin=0,
+            vmax=1,
+            extent=(0, 1, rounds[0] - 0.5, rounds[-1] + 0.5),
+        )
+        ax.set(xlabel="gate weight on global expert", title=f"client {cid} ({models.get(cid, '?')})")
+    axes[0][0].set_ylabel("round")
+    fig.suptitle("Per-sample gate weights on each client's test set, by round")
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of test samples")
+    fig.savefig(out / "gate_histograms.png", dpi=120)
+    plt.close(fig)
+    return out / "gate_histograms.png"
+
+
+def _num_classes(run_dir: Path, rows: list[dict[str, Any]], gate: str) -> int:
+    try:
+        return int(json.loads((run_dir / "partition.json").read_text())["num_classes"])
+    except (OSError, ValueError, KeyError):
+        return 1 + max(int(c) for r in rows for m in r.get(f"{gate}_class_mean", {}).values() for c in m)
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Draw every picture the run's files support into ``out`` (default: the run directory)."""
+    run_dir = Path(run_dir)
+    out = run_dir if out is None else Path(out)
+    rows = _rows(run_dir)
+    if not rows:
+        raise ValueError(f"{str(run_dir)!r} has no completed round yet; nothing to plot")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    out.mkdir(parents=True, exist_ok=True)
+    written = [plot_communication(rows, out)]
+    if any(r.get("mean_acc") is not None for r in rows):
+        written += [plot_accuracy(rows, out), plot_client_accuracy(rows, summary, out)]
+    gates = sorted(
+        {k.removesuffix("_class_mean") for r in rows for k in r if k.startswith("gate") and k.endswith("_class_mean")}
+    )
+    for gate in gates:
+        num_classes = _num_classes(run_dir, rows, gate)
+        written += [
+            plot_gate_by_class(rows, summary, gate, class_names(run_dir, num_classes), out),
+            plot_gate_histograms(rows, summary, gate, out),
+        ]
+    return written
