@@ -84,6 +84,10 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("partition", part_parser, help="inspect the partition a config produces")
     commands.add_subcommand("grid", _grid_parser(), help="run a grid of experiments, locally or as a Slurm job array")
     commands.add_subcommand("report", _report_parser(), help="tables and plots over finished run directories")
+    plot_parser = ArgumentParser(description="Draw a run's pictures (also for an interrupted run)", allow_abbrev=False)
+    plot_parser.add_argument("run_dir", type=str, help="run directory")
+    plot_parser.add_argument("--output", type=str | None, default=None, help="folder for the PNGs (the run directory)")
+    commands.add_subcommand("plot", plot_parser, help="draw a run's pictures")
     return parser
 
 
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     command = cfg.subcommand
     sub_parser = subcommand_parser(parser, command)
     sub_cfg = cfg[command]
-    if command in ("grid", "report"):
+    if command in ("grid", "report", "plot"):
         code = _tool_command(command, sub_cfg)
         if code:
             raise SystemExit(code)
@@ -214,10 +218,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _tool_command(command: str, cfg: Namespace) -> int:
-    """``grid`` and ``report``: commands over many runs, each failing with one line."""
+    """``grid``, ``report`` and ``plot``: commands over finished runs, each failing with one line."""
     try:
         if command == "grid":
             return _grid(cfg)
+        if command == "plot":
+            from fedmoe_pl.plots import plot_run
+
+            written = plot_run(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None)
+            print("written: " + ", ".join(str(p) for p in written))
+            return 0
         from fedmoe_pl.results import write_report
 
         write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target)

@@ -17,7 +17,7 @@ from fedmoe_pl.executor import SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.signals import StopSignals
-from fedmoe_pl.sinks import Checkpoint, MetricsFile, ProgressBar, Sink, SummaryFile, Wandb
+from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _train(
     tracker = WandbTracker(exp.wandb, run_dir.path, exp.config, checkpoint["meta"]["wandb_id"] if checkpoint else None)
     classes = range(partition["num_classes"])
     table = (
-        ["client", *map(str, classes)],
+        ["client", *partition["classes"]],
         [[c["id"], *(c["train"].get(str(label), 0) for label in classes)] for c in partition["clients"]],
     )
     meta = {"result_config": wanted, "fingerprint": exp.data.fingerprint, "wandb_id": tracker.run_id}
@@ -161,6 +161,7 @@ def _train(
         Wandb(tracker, table),
         ProgressBar(),
         SummaryFile(run_dir),
+        Plots(run_dir),
     ]
     fed = build_federation(exp, sinks, device)
     if checkpoint is not None:

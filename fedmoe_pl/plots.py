@@ -46,6 +46,12 @@ def class_names(run_dir: Path, num_classes: int) -> list[str]:
     return list(names) if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
 
 
+def _whole_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -65,6 +71,7 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path) -> Path:
     ax.fill_between(rounds, mean - std, np.minimum(mean + std, 100), color="C0", alpha=0.2, lw=0, label="± std")
     ax.plot(rounds, low, ls=":", color="C3", lw=1.2, label="worst client")
     ax.set(xlabel="round", ylabel="client test accuracy (%)", title="Mean client test accuracy per round")
+    _whole_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, out / "accuracy.png")
@@ -81,13 +88,21 @@ def plot_client_accuracy(rows: list[dict[str, Any]], summary: dict[str, Any], ou
     colours = {m: f"C{k % 10}" for k, m in enumerate(names)}
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(ids) + 3), 4))
     ax.bar([str(i) for i in ids], accs, color=[colours[models.get(i, "?")] for i in ids])
-    for name in names:
-        ax.bar([], [], color=colours[name], label=name)
+    from matplotlib.patches import Patch
+
     ax.set(xlabel="client", ylabel="test accuracy (%)", ylim=(0, 100))
     ax.set_title(f"Test accuracy per client after round {last['round']}")
     if len(ids) > 30:
         ax.set_xticks(range(0, len(ids), max(1, len(ids) // 20)))
-    ax.legend(title="model", fontsize=8, ncol=min(len(names), 5), loc="lower right")
+    handles = [Patch(color=colours[name], label=name) for name in names]
+    ax.legend(
+        handles=handles,
+        title="model",
+        fontsize=8,
+        ncol=min(len(names), 6),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18),
+    )
     return _save(fig, out / "client_accuracy.png")
 
 
@@ -101,6 +116,7 @@ def plot_communication(rows: list[dict[str, Any]], out: Path) -> Path:
     ax.bar(np.array(rounds) - width / 2, up, width, label="up (clients to server)")
     ax.bar(np.array(rounds) + width / 2, down, width, label="down (server to clients)")
     ax.set(xlabel="round", ylabel="MB per round", title="Communication per round")
+    _whole_rounds(ax)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "communication.png")
@@ -139,7 +155,11 @@ def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], ga
     ids = sorted(int(k) for k in evaluated[-1][f"{gate}_hist"])[:HIST_CLIENTS]
     models = {c["id"]: c["model"] for c in summary.get("clients") or []}
     bins = len(evaluated[-1][f"{gate}_hist"][str(ids[0])])
-    fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids) + 1, 3.6), squeeze=False, sharey=True)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(
+        1, len(ids), figsize=(3.2 * len(ids) + 1.5, 3.8), squeeze=False, sharey=True, layout="constrained"
+    )
     image = None
     for ax, cid in zip(axes[0], ids):
         counts = np.array([r[f"{gate}_hist"].get(str(cid), [0] * bins) for r in evaluated], dtype=float)
@@ -154,7 +174,8 @@ def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], ga
             vmax=1,
             extent=(0, 1, rounds[0] - 0.5, rounds[-1] + 0.5),
         )
-        ax.set(xlabel="gate weight on global expert", title=f"client {cid} ({models.get(cid, '?')})")
+        ax.set(xlabel="weight on global expert", title=f"client {cid} ({models.get(cid, '?')})")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("round")
     fig.suptitle("Per-sample gate weights on each client's test set, by round")
     fig.colorbar(image, ax=axes[0].tolist(), label="share of test samples")

@@ -36,18 +36,29 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def save_heatmap(report: dict[str, Any], path: Path) -> None:
+    """Clients x classes training counts, with the class names, and the counts where they fit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     counts = label_matrix(report, "train")
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * counts.shape[1] + 2), max(3, 0.25 * counts.shape[0] + 1.5)))
+    k = counts.shape[1]
+    names = report.get("classes") or [str(c) for c in range(k)]
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * k + 2.5), max(3, 0.3 * counts.shape[0] + 1.8)))
     image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    if counts.size <= 600:
+        top = counts.max() or 1
+        for (r, c), n in np.ndenumerate(counts):
+            if n:
+                ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color="w" if n < 0.6 * top else "k")
+    ax.set_xticks(range(k), names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
+    step = max(1, counts.shape[0] // 25)
+    ax.set_yticks(range(0, counts.shape[0], step))
     ax.set_xlabel("class")
     ax.set_ylabel("client")
-    ax.set_title(f"training samples per client and class ({report['fingerprint']})")
-    fig.colorbar(image, ax=ax, label="samples")
+    ax.set_title(f"Training samples per client and class (partition {report['fingerprint']})")
+    fig.colorbar(image, ax=ax, label="training samples")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

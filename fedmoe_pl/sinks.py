@@ -125,3 +125,20 @@ class ProgressBar(Sink):
     def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Plots(Sink):
+    """The run's pictures (:mod:`fedmoe_pl.plots`), drawn into the run directory however the run ends."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+
+    def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
+        from fedmoe_pl.plots import plot_run
+
+        if fed.round == 0:
+            return  # no round, nothing to draw
+        try:
+            plot_run(self.run_dir.path)
+        except Exception as err:  # a picture must never hide how the run ended
+            log.error("could not draw the run's pictures: %s (retry with: fedmoe-pl plot %s)", err, self.run_dir.path)

@@ -60,11 +60,13 @@ class FederatedDataModule:
         self.clients: list[ClientDataModule] = []
         self.fingerprint = ""
         self.num_classes = self.in_channels = self.image_size = 0
+        self.classes: list[str] = []
 
     def setup(self, seed: int) -> None:
         """Load the source and build every client's shard; the partition depends only on ``seed``."""
         data = self.source.load()
         self.num_classes, self.in_channels, self.image_size = data.num_classes, data.in_channels, data.image_size
+        self.classes = data.classes or [str(c) for c in range(data.num_classes)]
         self.partitioner.check(data.num_classes, self.num_clients)
         rng = np.random.default_rng(np.random.SeedSequence([seed, PARTITION_STREAM]))
         if self.split == "paper":
@@ -148,4 +150,9 @@ class FederatedDataModule:
         """The partition as written to ``partition.json``."""
         if not self.clients:
             raise RuntimeError("call setup(seed) before asking for the partition report")
-        return {"fingerprint": self.fingerprint, "num_classes": self.num_classes, "clients": self.label_counts()}
+        return {
+            "fingerprint": self.fingerprint,
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+            "clients": self.label_counts(),
+        }

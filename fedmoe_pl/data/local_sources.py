@@ -57,7 +57,13 @@ class ImageFolder(Source):
                 f"classes {test_classes}; both folders need the same class sub-folders"
             )
         return SourceData(
-            train_x, train_y, test_x, test_y, len(train_classes), identity=f"imagefolder:{self.root.name}"
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            len(train_classes),
+            identity=f"imagefolder:{self.root.name}",
+            classes=train_classes,
         )
 
 

@@ -40,6 +40,7 @@ class SourceData:
     test_labels: torch.Tensor
     num_classes: int
     identity: str  # names the data for the partition fingerprint
+    classes: list[str] | None = None  # class names, where the source has them
 
     @property
     def in_channels(self) -> int:
@@ -130,7 +131,8 @@ class _TorchvisionSource(Source):
                 raise self._damaged(err) from err
         train_x, train_y = self._to_tensors(train)
         test_x, test_y = self._to_tensors(test)
-        return SourceData(train_x, train_y, test_x, test_y, len(train.classes), identity=self.name.lower())
+        classes = [str(c) for c in train.classes]
+        return SourceData(train_x, train_y, test_x, test_y, len(classes), identity=self.name.lower(), classes=classes)
 
 
 class CIFAR10(_TorchvisionSource):
