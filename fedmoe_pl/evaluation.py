@@ -117,7 +117,7 @@ def score(
     present = [c for c in range(num_classes) if per_class[c][4] > 0]
     out: dict[str, Any] = {
         "acc": tp / support,
-        "class_acc": {str(c): _r(per_class[c][0] / per_class[c][4]) for c in present},
+        "class_acc": {str(c): per_class[c][0] / per_class[c][4] for c in present},
         "means": {key: float(values.mean()) for key, values in extras.items()},
         "gate": {},
     }

@@ -1,0 +1,133 @@
+"""Evaluation and gate analytics: exact against hand counts; a collapsed gate is told from an input-dependent one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+from torch import nn
+
+from fedmoe_pl.cli import main
+from fedmoe_pl.data import ClientDataModule
+from fedmoe_pl.data.transforms import BatchTransform
+from fedmoe_pl.evaluation import Evaluator
+
+CLASSES = 4
+
+
+class Scripted(nn.Module):
+    """A client whose prediction and gate weight are written into each test image.
+
+    Pixel (0, 0) holds the predicted class, pixel (0, 1) the gate weight x 255; a ``constant``
+    gate ignores the image.
+    """
+
+    def __init__(self, client_id: int, constant_gate: float | None = None) -> None:
+        super().__init__()
+        self.client_id, self.constant_gate = client_id, constant_gate
+        self.anchor = nn.Parameter(torch.zeros(()))  # so that .to() and .train() behave as for a model
+
+    def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raw = (x * 255).round().long()
+        logits = nn.functional.one_hot(raw[:, 0, 0, 0], CLASSES).float()
+        if self.constant_gate is None:
+            gate = raw[:, 0, 0, 1].float() / 255
+        else:
+            gate = torch.full((len(x),), self.constant_gate)
+        return logits, {"gate_global": gate}
+
+
+def shard(labels: list[int], preds: list[int], gates: list[int] | None = None, batch: int = 3) -> ClientDataModule:
+    """A test shard whose images script the predictions (and gate weights, in 1/255)."""
+    images = torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor(preds, dtype=torch.uint8)
+    if gates is not None:
+        images[:, 0, 0, 1] = torch.tensor(gates, dtype=torch.uint8)
+    plain = BatchTransform([0.0], [1.0])
+    empty = (torch.zeros(0, 1, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    test = (images, torch.tensor(labels, dtype=torch.int64))
+    return ClientDataModule(empty, test, plain, plain, eval_batch_size=batch)
+
+
+def test_accuracy_equals_a_hand_count_and_per_class_accuracy_is_exact() -> None:
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]  # class 3 absent from this client's test set
+    preds = [0, 1, 0, 1, 1, 2, 0, 2, 2, 1]
+    out = Evaluator()([Scripted(0)], [shard(labels, preds)], num_classes=CLASSES, confusion=True)
+    hand = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+    assert out["mean_acc"] == hand == out["client_acc"]["0"] == 0.7
+    assert out["client_class_acc"]["0"] == {"0": 2 / 3, "1": 1.0, "2": 0.6}
+    confusion = torch.tensor(out["confusion"])
+    assert confusion.sum() == 10 and confusion.trace() == 7 and confusion[2, 0] == 1 and confusion[0, 1] == 1
+
+
+def test_an_empty_test_shard_is_excluded_and_reported_not_scored_zero() -> None:
+    clients = [Scripted(0), Scripted(1), Scripted(2)]
+    shards = [shard([0, 1], [0, 0]), shard([], []), shard([2, 2, 3, 3], [2, 2, 3, 3])]
+    out = Evaluator()(clients, shards, num_classes=CLASSES)
+    assert out["no_test_clients"] == [1] and set(out["client_acc"]) == {"0", "2"}
+    assert out["mean_acc"] == (0.5 + 1.0) / 2 and out["min_acc"] == 0.5
+    assert out["weighted_acc"] == (1 + 4) / 6
+
+
+def test_gate_analytics_tell_a_collapsed_gate_from_an_input_dependent_one() -> None:
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    gates = [20, 30, 25, 35, 200, 230, 220, 240]  # the input-dependent gate leans global on class 1
+    clients = [Scripted(0, constant_gate=0.75), Scripted(1)]
+    shards = [shard(labels, labels), shard(labels, labels, gates)]
+    out = Evaluator()(clients, shards, num_classes=CLASSES)
+    assert out["gate_global_collapsed"] == [0]
+    assert out["gate_global_spread"]["0"] == 0.0 and out["gate_global_spread"]["1"] > 0.3
+    assert out["gate_global_class_mean"]["0"] == {"0": 0.75, "1": 0.75}
+    mean = out["gate_global_class_mean"]["1"]
+    assert mean == {"0": round(110 / 4 / 255, 4), "1": round(890 / 4 / 255, 4)}
+    assert out["gate_global_class_q10"]["1"]["0"] < out["gate_global_class_q90"]["1"]["0"] < 0.2
+    assert out["gate_global_hist"]["0"] == [0] * 7 + [8] + [0] * 2  # every sample at 0.75
+    assert sum(out["gate_global_hist"]["1"][:2]) == 4 and sum(out["gate_global_hist"]["1"][7:]) == 4
+    assert out["client_gate_global"]["0"] == 0.75
+
+
+def test_plot_draws_the_pictures_of_a_two_round_run(tmp_path: Path, capsys) -> None:
+    main(["fit", "--config", str(tiny_config(tmp_path))])
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("gate_global_class_mean" in r and "gate_global_hist" in r for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    confusion = torch.tensor(summary["confusion"])
+    tests = sum(c["test_samples"] for c in summary["clients"])
+    assert confusion.sum() == tests and confusion.trace() / tests == pytest.approx(summary["final_weighted_acc"])
+    expected = {"accuracy", "client_accuracy", "communication", "gate_by_class", "gate_histograms"}
+    assert {p.stem for p in run.glob("*.png")} == expected  # drawn at the end of the run
+    for picture in run.glob("*.png"):
+        picture.unlink()
+    main(["plot", str(run), "--output", str(tmp_path / "pictures")])
+    assert {p.stem for p in (tmp_path / "pictures").glob("*.png")} == expected
+    assert all(p.stat().st_size > 10_000 for p in (tmp_path / "pictures").glob("*.png"))
+
+
+def test_plot_of_a_folder_without_metrics_says_so(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["plot", str(tmp_path)])
+    assert done.value.code == 2 and "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_gate_analytics_reach_wandb_as_tables_and_histograms_at_step_round(tmp_path: Path) -> None:
+    from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
+    from fedmoe_pl.experiment import build_federation
+    from fedmoe_pl.sinks import Wandb
+    from helpers import RecordingTracker
+
+    parser = subcommand_parser(build_parser(), "fit")
+    exp = _experiment(parser, parser.parse_args(["--config", str(tiny_config(tmp_path))]))
+    exp.data.setup(exp.seed)
+    tracker = RecordingTracker()
+    build_federation(exp, [Wandb(tracker)]).run()
+    assert [step for _, step, *_ in tracker.calls] == [1, 2]
+    for _, _, tables, histograms in tracker.calls:
+        columns, rows = tables["gate_global_class_mean"]
+        assert columns == ["client", "model", "class", "gate_global_class_mean"]
+        assert {(r[0], r[2]) for r in rows} == {(c, k) for c in range(3) for k in (2 * c, 2 * c + 1)}
+        assert set(histograms["gate_global_hist"]) == {"0", "1", "2"}
+        assert "client_class_acc" in tables
