@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import RecordingTracker, tiny_config
 from torch import nn
 
-from fedmoe_pl.cli import main
+from fedmoe_pl.cli import _experiment, build_parser, main, subcommand_parser
 from fedmoe_pl.data import ClientDataModule
 from fedmoe_pl.data.transforms import BatchTransform
 from fedmoe_pl.evaluation import Evaluator
+from fedmoe_pl.experiment import build_federation
+from fedmoe_pl.sinks import Wandb
 
 CLASSES = 4
 
@@ -114,11 +116,6 @@ def test_plot_of_a_folder_without_metrics_says_so(tmp_path: Path, capsys) -> Non
 
 
 def test_gate_analytics_reach_wandb_as_tables_and_histograms_at_step_round(tmp_path: Path) -> None:
-    from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
-    from fedmoe_pl.experiment import build_federation
-    from fedmoe_pl.sinks import Wandb
-    from helpers import RecordingTracker
-
     parser = subcommand_parser(build_parser(), "fit")
     exp = _experiment(parser, parser.parse_args(["--config", str(tiny_config(tmp_path))]))
     exp.data.setup(exp.seed)
