@@ -163,14 +163,18 @@ class WandbTracker:
             ids = sorted(per_client["client_acc"], key=int)
             rows = [[int(k), model_names[int(k)], *(per_client[c].get(k) for c in per_client)] for k in ids]
             tables["clients"] = (columns, rows)
-        by_class = {
-            k: v for k, v in record.items() if isinstance(v, dict) and any(isinstance(x, dict) for x in v.values())
-        }
-        for key, values in by_class.items():
+        # Per-(client, class) values, one table per prefix: ``gate_global_class_{mean,q10,...}``
+        # become the columns of ``gate_global_by_class``.
+        by_class: dict[str, list[str]] = {}
+        for key, value in record.items():
+            if isinstance(value, dict) and any(isinstance(x, dict) for x in value.values()) and "_class_" in key:
+                by_class.setdefault(key.split("_class_")[0], []).append(key)
+        for prefix, keys in by_class.items():
+            cells = sorted({(int(c), int(k)) for key in keys for c, row in record[key].items() for k in row})
             rows = [
-                [int(c), model_names[int(c)], int(label), x] for c, row in values.items() for label, x in row.items()
+                [c, model_names[c], k, *(record[key].get(str(c), {}).get(str(k)) for key in keys)] for c, k in cells
             ]
-            tables[key] = (["client", "model", "class", key], rows)
+            tables[f"{prefix}_by_class"] = (["client", "model", "class", *(k.split("_class_")[1] for k in keys)], rows)
         hists = {k: v for k, v in record.items() if k.endswith("_hist") and isinstance(v, dict)}
         self.log(flat, step=record["round"], tables=tables, histograms=hists)
 

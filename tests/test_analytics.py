@@ -123,8 +123,9 @@ def test_gate_analytics_reach_wandb_as_tables_and_histograms_at_step_round(tmp_p
     build_federation(exp, [Wandb(tracker)]).run()
     assert [step for _, step, *_ in tracker.calls] == [1, 2]
     for _, _, tables, histograms in tracker.calls:
-        columns, rows = tables["gate_global_class_mean"]
-        assert columns == ["client", "model", "class", "gate_global_class_mean"]
-        assert {(r[0], r[2]) for r in rows} == {(c, k) for c in range(3) for k in (2 * c, 2 * c + 1)}
+        columns, rows = tables["gate_global_by_class"]
+        assert columns == ["client", "model", "class", "mean", "q10", "q50", "q90"]
+        assert [(r[0], r[2]) for r in rows] == [(c, k) for c in range(3) for k in (2 * c, 2 * c + 1)]
+        assert all(0 <= r[4] <= r[5] <= r[6] <= 1 for r in rows)
+        assert tables["client_by_class"][0] == ["client", "model", "class", "acc"]
         assert set(histograms["gate_global_hist"]) == {"0", "1", "2"}
-        assert "client_class_acc" in tables
