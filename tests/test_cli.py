@@ -160,8 +160,8 @@ def test_partition_command_writes_report_and_heatmap(tmp_path, capsys) -> None:
     config = tiny_config(tmp_path)
     main(["partition", "--config", str(config), "--output", str(tmp_path / "p")])
     report = json.loads((tmp_path / "p" / "partition.json").read_text())
-    assert set(report) == {"fingerprint", "num_classes", "clients"}
-    assert report["num_classes"] == 6
+    assert set(report) == {"fingerprint", "num_classes", "classes", "clients"}
+    assert report["num_classes"] == 6 and report["classes"] == ["0", "1", "2", "3", "4", "5"]  # synthetic: no names
     assert report["clients"][2] == {"id": 2, "train": {"4": 40, "5": 40}, "test": {"4": 20, "5": 20}}
     assert (tmp_path / "p" / "partition.png").read_bytes()[:4] == b"\x89PNG"
     assert report["fingerprint"] in capsys.readouterr().out

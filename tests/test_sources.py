@@ -62,6 +62,7 @@ def test_fashion_mnist_reads_idx_files_under_the_root(tmp_path) -> None:
     data = FashionMNIST(root=str(tmp_path), system_dir=str(tmp_path / "none")).load()
     assert data.train_images.shape == (30, 1, 28, 28)
     assert data.test_labels.tolist() == list(range(10))
+    assert data.classes is not None and data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
 
 
 def test_fashion_mnist_falls_back_on_the_system_package_and_says_so(tmp_path, caplog) -> None:
@@ -124,7 +125,7 @@ def test_image_folder_loads_train_and_test(tmp_path) -> None:
     write_folder(tmp_path / "train", ["cat", "dog"], 4)
     write_folder(tmp_path / "test", ["cat", "dog"], 2)
     data = ImageFolder(str(tmp_path)).load()
-    assert data.num_classes == 2
+    assert data.num_classes == 2 and data.classes == ["cat", "dog"]
     assert data.train_images.shape == (8, 3, 32, 32)
     assert data.test_labels.tolist() == [0, 0, 1, 1]
 
