@@ -14,6 +14,7 @@ must be saved and resumed.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shlex
@@ -27,6 +28,7 @@ from pathlib import Path
 from fedmoe_pl.grid import Cell, Grid, SlurmOptions, write_cell_file
 
 REQUEUE_EXIT = 128 + signal.SIGUSR1  # a run interrupted by SIGUSR1 exits with this code
+TASK_FILE = "slurm-task.json"  # in a cell's run directory: the array task submitted for it
 
 
 def array_spec(indices: list[int], throttle: int) -> str:
@@ -78,11 +80,34 @@ def sbatch_script(grid: Grid, opts: SlurmOptions, manifest: Path, indices: list[
     return "\n".join(lines)
 
 
+def in_flight(cells: list[Cell]) -> set[int]:
+    """Indices of cells whose task from an earlier submission is still queued or running."""
+    tasks = {}
+    for i, cell in enumerate(cells):
+        record = Path(cell.run_dir) / TASK_FILE
+        if record.is_file():
+            tasks[json.loads(record.read_text())["task"]] = i
+    if not tasks:
+        return set()
+    listed = subprocess.run(
+        ["squeue", "-h", "--array", "--user", getpass.getuser(), "-o", "%i"], capture_output=True, text=True
+    )
+    if listed.returncode != 0:
+        raise RuntimeError(f"squeue could not list your jobs: {listed.stderr.strip()}")
+    return {tasks[task] for task in listed.stdout.split() if task in tasks}
+
+
 def submit(grid: Grid, cells: list[Cell], opts: SlurmOptions, dry_run: bool = False) -> str | None:
-    """Write the manifest and script; submit the unfinished cells as one array. Returns the job id."""
-    todo = [i for i, cell in enumerate(cells) if cell.status() != "finished"]
+    """Write the manifest and script; submit the unfinished cells as one array. Returns the job id.
+
+    Cells that are finished, or whose task from an earlier submission is still queued or
+    running, are left out.
+    """
+    unfinished = [i for i, cell in enumerate(cells) if cell.status() != "finished"]
+    busy = in_flight(cells) if unfinished and not dry_run else set()
+    todo = [i for i in unfinished if i not in busy]
     if not todo:
-        print(f"all {len(cells)} cells are finished; nothing to submit")
+        print(f"all {len(cells)} cells are finished or queued ({len(busy)} queued or running); nothing to submit")
         return None
     folder = Path(grid.output) / ".slurm" / time.strftime("%Y%m%d-%H%M%S")
     manifest = folder / "cells.json"
@@ -102,9 +127,12 @@ def submit(grid: Grid, cells: list[Cell], opts: SlurmOptions, dry_run: bool = Fa
     if done.returncode != 0:
         raise RuntimeError(f"sbatch refused the job array ({folder / 'grid.sbatch'}): {done.stderr.strip()}")
     job_id = done.stdout.strip().split(";")[0]
+    for i in todo:  # so that submitting again while these run leaves them out
+        write_cell_file(cells[i])
+        (Path(cells[i].run_dir) / TASK_FILE).write_text(json.dumps({"task": f"{job_id}_{i}"}) + "\n")
     print(
-        f"submitted job array {job_id}: {len(todo)} of {len(cells)} cells "
-        f"({len(cells) - len(todo)} finished). Logs: {folder}/{job_id}_<task>.out; watch with squeue -j {job_id}"
+        f"submitted job array {job_id}: {len(todo)} of {len(cells)} cells ({len(cells) - len(unfinished)} finished, "
+        f"{len(busy)} queued or running). Logs: {folder}/{job_id}_<task>.out; watch with squeue -j {job_id}"
     )
     return job_id
 

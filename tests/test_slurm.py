@@ -55,6 +55,8 @@ def test_slurm_array_of_two_cells_completes(tmp_path: Path, slurm_cluster, monke
     monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
     grid_file = _grid(tmp_path, seeds=[1, 2], rounds=2)
     job = _submit(grid_file, capsys)
+    main(["grid", str(grid_file), "--launcher", "slurm"])  # at once: both cells are still queued or running
+    assert "(2 queued or running); nothing to submit" in capsys.readouterr().out
     _wait_gone(job, slurm_cluster)
     cells = Grid.load(grid_file).cells()
     logs = sorted((tmp_path / "out" / ".slurm").glob(f"*/{job}_*.out"))
@@ -66,7 +68,7 @@ def test_slurm_array_of_two_cells_completes(tmp_path: Path, slurm_cluster, monke
     assert not list((tmp_path / "out").rglob("hpc_ckpt*"))  # Lightning's own requeue stayed off
     # Submitting again finds nothing left to do.
     main(["grid", str(grid_file), "--launcher", "slurm"])
-    assert "all 2 cells are finished" in capsys.readouterr().out
+    assert "all 2 cells are finished or queued (0 queued or running)" in capsys.readouterr().out
 
 
 def test_slurm_task_signalled_with_usr1_requeues_and_ends_as_an_uninterrupted_run(
