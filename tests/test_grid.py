@@ -191,3 +191,24 @@ def test_every_cell_of_every_shipped_grid_parses(grid_file: Path) -> None:
         if cell.seed == cells[0].seed:
             cfg = parser.parse_args(cell.fit_args(resume=False))
             assert cfg.federation.run_dir == cell.run_dir and cfg.wandb.name == cell.name
+
+
+@pytest.mark.slow
+def test_local_grid_goes_on_past_a_failing_cell_and_names_it(tmp_path: Path, capsys) -> None:
+    tiny_config(tmp_path)
+    (tmp_path / "bad.yaml").write_text("client: {lr: .nan}\n")  # refused before training (exit 2)
+    (tmp_path / "good.yaml").write_text("client: {lr: 0.05}\n")
+    grid_file = _grid_file(
+        tmp_path,
+        {
+            "base": "tiny.yaml",
+            "axes": {"lr": {"bad": "bad.yaml", "good": "good.yaml"}},
+            "args": ["--federation.rounds=1"],
+            "output": str(tmp_path / "out"),
+        },
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["grid", str(grid_file)])
+    assert done.value.code == 1
+    assert "1 of 2 cells failed: bad-seed0" in capsys.readouterr().err
+    assert [c.status() for c in Grid.load(grid_file).cells()] == ["new", "finished"]

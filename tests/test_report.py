@@ -109,3 +109,23 @@ def test_report_refuses_a_folder_without_runs(tmp_path: Path, capsys) -> None:
     assert done.value.code == 2
     assert "no run directory (a folder with summary.json)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_report_leaves_out_runs_that_did_not_complete_and_lists_them(tmp_path: Path, capsys) -> None:
+    config = tiny_config(tmp_path)
+    for seed in (1, 2):
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                f"--seed_everything={seed}",
+                f"--federation.run_dir={tmp_path / str(seed)}",
+            ]
+        )
+    summary = json.loads((tmp_path / "2" / "summary.json").read_text())
+    (tmp_path / "2" / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "rounds": 1}))
+    main(["report", str(tmp_path / "1"), str(tmp_path / "2"), "--output", str(tmp_path / "r")])
+    (row,) = _csv(tmp_path / "r" / "report.csv").values()
+    assert row["seeds"] == "1"
+    assert f"- {tmp_path / '2'} (interrupted, 1 rounds)" in (tmp_path / "r" / "report.md").read_text()
