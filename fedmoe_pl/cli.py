@@ -3,6 +3,8 @@
 Subcommands ``fit`` and ``partition`` take the same configuration: ``--config`` files (later ones
 overlay earlier ones), dotted overrides such as ``--federation.rounds 50``, ``--print_config``,
 ``class_path``/``init_args`` for sources, partitioners and algorithms, and ``--seed_everything``.
+``grid`` runs many such configurations (locally or as a Slurm job array), ``report`` tabulates
+finished runs and ``plot`` draws one run's pictures.
 """
 
 from __future__ import annotations
