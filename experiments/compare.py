@@ -18,14 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedmoe_pl.results import human, load_run, method_order
+
 ROOT = Path(__file__).resolve().parents[1]
-FIRST = ["pfedmoe", "standalone"]  # listed first in tables and plots; the rest alphabetically
 
 
 def discover(methods_dir: Path) -> list[str]:
     """The methods with an overlay in ``methods_dir``."""
-    names = sorted(p.stem for p in methods_dir.glob("*.yaml"))
-    return [m for m in FIRST if m in names] + [m for m in names if m not in FIRST]
+    return method_order({p.stem for p in methods_dir.glob("*.yaml")})
 
 
 def run_method(method: str, configs: list[str], methods_dir: Path, output: Path, seed: int, extra: list[str]) -> dict:
@@ -55,24 +55,6 @@ def run_method(method: str, configs: list[str], methods_dir: Path, output: Path,
     return json.loads(summary.read_text())
 
 
-def curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["round"] for r in rows], [r["mean_acc"] for r in rows]
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
-def rounds_to(run_dir: Path, target: float) -> str:
-    """First evaluated round whose mean accuracy reaches ``target`` (the paper's cost unit)."""
-    rounds, accs = curve(run_dir)
-    return next((str(r) for r, a in zip(rounds, accs) if a >= target), "-")
-
-
 def write_table(summaries: dict[str, dict], output: Path, target: float) -> str:
     lines = [
         f"| method | final mean acc | best mean acc | best round | rounds to {target:g} | bytes up / round | wall s |",
@@ -82,7 +64,7 @@ def write_table(summaries: dict[str, dict], output: Path, target: float) -> str:
         per_round = s["total_bytes_up"] / max(s["rounds"], 1)
         lines.append(
             f"| {method} | {s['final_mean_acc']:.4f} | {s['best_mean_acc']:.4f} | {s['best_round']} | "
-            f"{rounds_to(output / method, target)} | {human_bytes(per_round)} | {s['wall_s']:.0f} |"
+            f"{load_run(output / method).rounds_to(target) or '-'} | {human(per_round, 'B')} | {s['wall_s']:.0f} |"
         )
     text = "\n".join(lines) + "\n"
     (output / "comparison.md").write_text(text)
@@ -98,7 +80,8 @@ def plot(output: Path, methods: list[str], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
-        rounds, accs = curve(output / method)
+        run = load_run(output / method)
+        rounds, accs = run.rounds, run.accs
         ax.plot(
             rounds,
             accs,

@@ -111,12 +111,12 @@ def score(
     preds: torch.Tensor, labels: torch.Tensor, extras: dict[str, torch.Tensor], num_classes: int
 ) -> dict[str, Any]:
     """One client's scores: accuracy, per-class accuracy, means of extras, gate analytics."""
-    # Counts (true positives, support) from torchmetrics, divided in float64: exactly the hand count.
-    tp, *_, support = multiclass_stat_scores(preds, labels, num_classes, average="micro").tolist()
+    # Per-class counts from torchmetrics (tp, fp, tn, fn, support), divided in float64: exactly
+    # the hand count. Overall accuracy is the summed true positives over the summed support.
     per_class = multiclass_stat_scores(preds, labels, num_classes, average="none").tolist()  # (C, 5)
     present = [c for c in range(num_classes) if per_class[c][4] > 0]
     out: dict[str, Any] = {
-        "acc": tp / support,
+        "acc": sum(per_class[c][0] for c in present) / len(labels),
         "class_acc": {str(c): per_class[c][0] / per_class[c][4] for c in present},
         "means": {key: float(values.mean()) for key, values in extras.items()},
         "gate": {},

@@ -37,13 +37,14 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def class_names(run_dir: Path, num_classes: int) -> list[str]:
-    """The dataset's class names from ``partition.json``, or the label numbers."""
+def class_names(run_dir: Path, rows: list[dict[str, Any]], gate: str) -> list[str]:
+    """The dataset's class names from ``partition.json``, or label numbers up to the largest gated class."""
     try:
-        names = json.loads((run_dir / "partition.json").read_text()).get("classes")
-    except (OSError, ValueError):
-        names = None
-    return list(names) if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
+        partition = json.loads((run_dir / "partition.json").read_text())
+        return list(partition.get("classes") or map(str, range(int(partition["num_classes"]))))
+    except (OSError, ValueError, KeyError):
+        top = max(int(c) for r in rows for m in r.get(f"{gate}_class_mean", {}).values() for c in m)
+        return [str(c) for c in range(top + 1)]
 
 
 def _whole_rounds(ax: Any) -> None:
@@ -184,13 +185,6 @@ def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], ga
     return out / "gate_histograms.png"
 
 
-def _num_classes(run_dir: Path, rows: list[dict[str, Any]], gate: str) -> int:
-    try:
-        return int(json.loads((run_dir / "partition.json").read_text())["num_classes"])
-    except (OSError, ValueError, KeyError):
-        return 1 + max(int(c) for r in rows for m in r.get(f"{gate}_class_mean", {}).values() for c in m)
-
-
 def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Draw every picture the run's files support into ``out`` (default: the run directory)."""
     run_dir = Path(run_dir)
@@ -210,9 +204,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
         {k.removesuffix("_class_mean") for r in rows for k in r if k.startswith("gate") and k.endswith("_class_mean")}
     )
     for gate in gates:
-        num_classes = _num_classes(run_dir, rows, gate)
         written += [
-            plot_gate_by_class(rows, summary, gate, class_names(run_dir, num_classes), out),
+            plot_gate_by_class(rows, summary, gate, class_names(run_dir, rows, gate), out),
             plot_gate_histograms(rows, summary, gate, out),
         ]
     return written

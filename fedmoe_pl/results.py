@@ -77,6 +77,7 @@ def _describe(config: dict[str, Any]) -> tuple[str, str]:
 
 
 def load_run(path: Path) -> Run:
+    """A run directory's summary, its evaluated rounds and accuracies, its method, setting and seed."""
     summary = json.loads((path / "summary.json").read_text())
     cell_file = path / CELL_FILE
     if cell_file.is_file():
@@ -102,7 +103,8 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def _order(methods: set[str]) -> list[str]:
+def method_order(methods: set[str]) -> list[str]:
+    """pFedMoE and Standalone first, then the other methods alphabetically."""
     return [m for m in FIRST if m in methods] + sorted(methods - set(FIRST))
 
 
@@ -118,7 +120,7 @@ def summarise(runs: list[Run], target: float) -> list[dict[str, Any]]:
         groups[(run.setting, run.method)].append(run)
     rows = []
     for setting in sorted({s for s, _ in groups}):
-        for method in _order({m for s, m in groups if s == setting}):
+        for method in method_order({m for s, m in groups if s == setting}):
             group = sorted(groups[(setting, method)], key=lambda r: r.seed)
             row: dict[str, Any] = {"setting": setting, "method": method, "seeds": " ".join(str(r.seed) for r in group)}
             for key in ("final_mean_acc", "best_mean_acc", "wall_s"):
@@ -137,7 +139,8 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
     return "-" if math.isnan(mean) else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def _si(value: float, unit: str) -> str:
+def human(value: float, unit: str) -> str:
+    """``value`` with an SI prefix: ``human(20_809_920, "B") == "20.81 MB"``."""
     for prefix, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
             return f"{value / size:.2f} {prefix}{unit}"
@@ -146,7 +149,7 @@ def _si(value: float, unit: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run]) -> str:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    methods = _order({r["method"] for r in rows})
+    methods = method_order({r["method"] for r in rows})
     cell = {(r["setting"], r["method"]): r for r in rows}
     out = [
         "## Final mean client test accuracy (%), mean ± std over seeds",
@@ -177,8 +180,8 @@ def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run]) -> s
             out.append(
                 f"| {m} | {r['seeds']} | {_pm(r['final_mean_acc'], r['final_mean_acc_std'])} "
                 f"| {_pm(r['best_mean_acc'], r['best_mean_acc_std'])} | {to_target} ({r['reached_target']}) "
-                f"| {_si(r['bytes_up_per_round'], 'B')} | {_si(r['bytes_down_per_round'], 'B')} "
-                f"| {_si(r['flops_per_round'], 'FLOP')} | {_pm(r['wall_s'], r['wall_s_std'], 1, 1)} |"
+                f"| {human(r['bytes_up_per_round'], 'B')} | {human(r['bytes_down_per_round'], 'B')} "
+                f"| {human(r['flops_per_round'], 'FLOP')} | {_pm(r['wall_s'], r['wall_s_std'], 1, 1)} |"
             )
     if skipped:
         out += ["", "Not counted (not completed):"]
@@ -197,7 +200,7 @@ def plot_curves(runs: list[Run], output: Path) -> list[Path]:
     for setting in sorted({r.setting for r in runs}):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         group = [r for r in runs if r.setting == setting]
-        for method in _order({r.method for r in group}):
+        for method in method_order({r.method for r in group}):
             curves = [r for r in group if r.method == method and r.rounds]
             if not curves:
                 continue

@@ -212,3 +212,25 @@ def test_local_grid_goes_on_past_a_failing_cell_and_names_it(tmp_path: Path, cap
     assert done.value.code == 1
     assert "1 of 2 cells failed: bad-seed0" in capsys.readouterr().err
     assert [c.status() for c in Grid.load(grid_file).cells()] == ["new", "finished"]
+
+
+def test_inside_a_slurm_job_the_client_trainers_leave_requeueing_to_the_federation(tmp_path: Path, monkeypatch) -> None:
+    import lightning as L
+
+    from fedmoe_pl.cli import _experiment
+    from fedmoe_pl.executor import FitJob, SequentialExecutor
+    from fedmoe_pl.experiment import build_federation
+
+    for key, value in (("SLURM_NTASKS", "1"), ("SLURM_JOB_NAME", "fedmoe-t"), ("SLURM_JOB_ID", "5")):
+        monkeypatch.setenv(key, value)
+    seen = []
+    monkeypatch.setattr(L.Trainer, "fit", lambda trainer, *a, **k: seen.append(trainer))
+    parser = subcommand_parser(build_parser(), "fit")
+    exp = _experiment(parser, parser.parse_args(["--config", str(tiny_config(tmp_path))]))
+    exp.data.setup(exp.seed)
+    client = build_federation(exp).clients[0]
+    list(SequentialExecutor({"accelerator": "cpu"}).fit([FitJob(client, exp.data.clients[0], seed=1, epochs=1)]))
+    environment = seen[0]._accelerator_connector.cluster_environment
+    assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False
+    # Lightning's own choice here would save and requeue a single local fit on SIGUSR1.
+    assert L.Trainer(accelerator="cpu", logger=False)._accelerator_connector.cluster_environment.auto_requeue
