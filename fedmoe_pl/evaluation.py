@@ -10,7 +10,7 @@ the spread within each client telling an input-dependent gate from a collapsed o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -64,8 +64,8 @@ class Evaluator:
 
     def __call__(
         self,
-        clients: Sequence[FederatedClient],
-        data: Sequence[ClientDataModule],
+        clients: Iterable[FederatedClient],
+        data: Iterable[ClientDataModule],
         num_classes: int,
         confusion: bool = False,
     ) -> dict[str, Any]:

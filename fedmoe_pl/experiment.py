@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
+from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import SequentialExecutor
@@ -136,10 +138,27 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
         run_dir.release()
 
 
+def client_pool(cfg: FederationConfig) -> ClientPool:
+    """The store ``federation.client_store`` names."""
+    if cfg.client_store == "disk":
+        return DiskClients(cfg.client_store_dir or Path(cfg.run_dir) / "clients")
+    return MemoryClients()
+
+
 def build_federation(exp: Experiment, sinks: Sequence[Sink] = (), device: Any = "cpu") -> Federation:
     """The experiment's federation: one Trainer per client in turn, evaluated on ``device``."""
     executor = SequentialExecutor(exp.trainer)
-    return Federation(exp.federation, exp.data, exp.client, exp.algorithm, exp.seed, executor, Evaluator(device), sinks)
+    return Federation(
+        exp.federation,
+        exp.data,
+        exp.client,
+        exp.algorithm,
+        exp.seed,
+        executor,
+        Evaluator(device),
+        sinks,
+        client_pool(exp.federation),
+    )
 
 
 def _train(

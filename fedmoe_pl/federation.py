@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fedmoe_pl.aggregation import payload_bytes, payload_numel
-from fedmoe_pl.algorithms import Algorithm, ClientConfig, ClientContext, ClientResult, FederatedClient, Instruction
+from fedmoe_pl.algorithms import Algorithm, ClientConfig, ClientContext, ClientResult, Instruction
+from fedmoe_pl.clients import ClientPool, MemoryClients, ReadOnlyClients
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.errors import ClientFailure, Interrupted
 from fedmoe_pl.evaluation import Evaluator
@@ -61,6 +62,7 @@ class Federation:
         executor: trains a round's cohort (default: one Trainer per client, in turn).
         evaluator: scores every client on its test set (default: on the CPU).
         sinks: receive the run's events (metrics file, checkpoint, W&B, progress, summary).
+        clients: where the clients live between rounds (default: all in memory).
     """
 
     def __init__(
@@ -73,22 +75,24 @@ class Federation:
         executor: Executor | None = None,
         evaluator: Evaluator | None = None,
         sinks: Sequence[Sink] = (),
+        clients: ClientPool | None = None,
     ) -> None:
         self.cfg, self.data, self.algorithm, self.seed = cfg, data, algorithm, seed
         self.executor = executor or SequentialExecutor()
         self.evaluator = evaluator or Evaluator()
         self.sinks = list(sinks)
         dims = (data.in_channels, data.image_size, data.num_classes)
-        self.clients: list[FederatedClient] = [
-            algorithm.build_client(ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg))
-            for cid in range(data.num_clients)
-        ]
+        self.clients: ClientPool = MemoryClients() if clients is None else clients
+        self.clients.populate(
+            lambda cid: algorithm.build_client(ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg)),
+            data.num_clients,
+        )
         self.model_names = [model_name(client_cfg.model_for(cid)) for cid in range(data.num_clients)]
         per_round = clients_per_round(cfg.participation, data.num_clients)
         self.schedule = [
             sample_clients(seed, round_, data.num_clients, per_round) for round_ in range(1, cfg.rounds + 1)
         ]
-        algorithm.start(self.clients, seed, cfg.rounds)
+        algorithm.start(ReadOnlyClients(self.clients), seed, cfg.rounds)
         self.round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "train_flops": 0, "wall_s": 0.0, "dropped": 0, "failed": 0}
         self._flops_per_sample: dict[str, float] = {}  # by model name: clients of one architecture cost the same
@@ -164,8 +168,9 @@ class Federation:
             self.shared_numel[r.client_id] = payload_numel(r.upload)
         if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
             ids = range(len(self.clients)) if self.cfg.eval_clients == "all" else sampled
-            clients, shards = [self.clients[cid] for cid in ids], [self.data.clients[cid] for cid in ids]
+            clients, shards = self.clients.visit(ids), [self.data.clients[cid] for cid in ids]
             record.update(self.evaluator(clients, shards, self.data.num_classes, confusion=round_ == self.cfg.rounds))
+        self.clients.release(round_)
         return record
 
     # -- helpers of one round -------------------------------------------------------------------
@@ -222,7 +227,7 @@ class Federation:
             "format": CHECKPOINT_FORMAT,
             "round": self.round,
             "server": self.algorithm.state_dict(),
-            "clients": [c.state_dict() for c in self.clients],
+            "clients": self.clients.state_dict(),
             "schedule": self.schedule,
             "totals": dict(self.totals),
             "shared_numel": list(self.shared_numel),
@@ -237,8 +242,7 @@ class Federation:
             raise ValueError("the checkpoint's client sampling differs from this config's; resume refused")
         self.round = done
         self.algorithm.load_state_dict(state["server"])
-        for client, client_state in zip(self.clients, state["clients"]):
-            client.load_state_dict(client_state)
+        self.clients.load_state_dict(state["clients"])
         self.totals = {**self.totals, **state["totals"]}  # checkpoints from before a total was added lack it
         self.shared_numel = list(state["shared_numel"])
         self.final, self.best = state["final"], state["best"]
@@ -250,6 +254,10 @@ class Federation:
         """The run's ``summary.json``; ``status`` is ``completed``, ``interrupted`` or ``failed``."""
         final, best = self.final or {}, self.best or {}
         accs = final.get("client_acc", {})
+        params: dict[str, int] = {}  # by model name: one client of each architecture is enough
+        for cid, name in enumerate(self.model_names):
+            if name not in params:
+                params[name] = sum(p.numel() for p in next(self.clients.visit([cid])).parameters())
         return {
             "status": status,
             "reason": reason,
@@ -268,12 +276,12 @@ class Federation:
                 {
                     "id": cid,
                     "model": self.model_names[cid],
-                    "params_total": sum(p.numel() for p in client.parameters()),
+                    "params_total": params[self.model_names[cid]],
                     "params_shared": self.shared_numel[cid],
                     "train_samples": self.data.clients[cid].num_train,
                     "test_samples": self.data.clients[cid].num_test,
                     "final_acc": accs.get(str(cid)),
                 }
-                for cid, client in enumerate(self.clients)
+                for cid in range(len(self.clients))
             ],
         }

@@ -35,6 +35,11 @@ class FederationConfig:
         dropout: probability that a sampled client does not report in a round (a device that went
             offline): drawn from the run's seed and the round, so every method sees the same
             dropouts. The round aggregates the clients that did report.
+        client_store: where clients live between rounds: ``memory`` (all of them, the whole run)
+            or ``disk`` (a file per client, loaded when the client is sampled or evaluated and
+            written back after the round; for client counts beyond memory). Results are the same.
+        client_store_dir: the folder of the ``disk`` store (default: ``clients`` in the run
+            directory). It must stay beside the run's checkpoint to resume.
     """
 
     rounds: int = 5
@@ -45,6 +50,8 @@ class FederationConfig:
     run_dir: str = "runs/default"
     on_client_error: Literal["stop", "drop"] = "stop"
     dropout: float = 0.0
+    client_store: Literal["memory", "disk"] = "memory"
+    client_store_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -57,6 +64,8 @@ class FederationConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"federation.dropout is a probability in [0, 1), got {self.dropout}")
+        if self.client_store not in ("memory", "disk"):
+            raise ValueError(f"federation.client_store must be 'memory' or 'disk', got {self.client_store!r}")
         if self.on_client_error not in ("stop", "drop"):
             raise ValueError(f"federation.on_client_error must be 'stop' or 'drop', got {self.on_client_error!r}")
 

@@ -65,6 +65,7 @@ class Checkpoint(Sink):
 
     def on_round_end(self, fed: Federation, record: dict[str, Any]) -> None:
         self.run_dir.save_checkpoint({**fed.state_dict(), "meta": self.meta})
+        fed.clients.checkpoint_saved()
 
 
 class SummaryFile(Sink):
