@@ -104,7 +104,7 @@ class DiskClients:
         self._build: Builder | None = None
         self._init_rng: list[torch.Tensor] = []  # the CPU random state each client was built from
         self._num_clients = 0
-        self._files: dict[int, set[int | None]] = {}  # versions of each client known to be on disk
+        self._files: dict[int, set[int]] = {}  # versions of each client known to be on disk
 
     def populate(self, build: Builder, num_clients: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -139,9 +139,9 @@ class DiskClients:
     def checkpoint_saved(self) -> None:
         self.saved = self._pending
         for cid, files in self._files.items():  # what no checkpoint names any more
-            for stale in files - {self.version.get(cid)}:
+            for stale in files - {self.version[cid]}:
                 self._path(cid, stale).unlink(missing_ok=True)
-            self._files[cid] = {self.version.get(cid)}
+            self._files[cid] = {self.version[cid]}
 
     def load_state_dict(self, state: Any) -> None:
         if not (isinstance(state, dict) and state.get("store") == "disk"):
@@ -191,10 +191,10 @@ class DiskClients:
             raise
         self.version[cid] = round_
         # Keep this version and the one the last checkpoint names; older files are unreferenced.
-        files = self._files.setdefault(cid, set())
-        for stale in files - {round_, self.saved.get(cid)}:
+        keep = {round_, self.saved.get(cid, round_)}
+        for stale in self._files.get(cid, set()) - keep:
             self._path(cid, stale).unlink(missing_ok=True)
-        self._files[cid] = (files & {self.saved.get(cid)}) | {round_}
+        self._files[cid] = (self._files.get(cid, set()) & keep) | {round_}
 
 
 class ReadOnlyClients(Sequence[FederatedClient]):
