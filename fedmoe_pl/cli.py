@@ -19,6 +19,7 @@ from lightning import Trainer
 
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.data import FederatedDataModule
+from fedmoe_pl.distributed import is_leader
 from fedmoe_pl.errors import Interrupted, RunError
 from fedmoe_pl.experiment import Experiment, fit
 from fedmoe_pl.federation import FederationConfig, quiet_lightning
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         exp = _experiment(sub_parser, sub_cfg)
         if command == "fit":
             summary = fit(exp, resume=sub_cfg.resume)
+            if not is_leader():  # rank 0 of a multi-process run speaks for it
+                return
             print(
                 f"final mean client test accuracy: {_accuracy(summary['final_mean_acc'])} "
                 f"(best {_accuracy(summary['best_mean_acc'])} at round {summary['best_round']})\n"

@@ -14,7 +14,9 @@ state it was first built with: exactly the initial weights the in-memory pool wo
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,10 +95,17 @@ class DiskClients:
     Args:
         directory: where the client files go (created if missing). At most two versions of a
             client are on disk at once: the one the last checkpoint names and a newer one.
+            None: a private temporary folder, removed when the pool is.
+        fallback: a folder to read a version from when ``directory`` lacks it: the store of the
+            rank that writes the checkpoints, for the other ranks of a multi-process run.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path | None, fallback: str | Path | None = None) -> None:
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix="fedmoe-clients-")
+            weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
         self.directory = Path(directory)
+        self.fallback = None if fallback is None else Path(fallback)
         self.version: dict[int, int] = {}  # cid -> round of its current file; absent: initial weights
         self.saved: dict[int, int] = {}  # the versions the last written checkpoint names
         self._pending: dict[int, int] = {}  # the versions of the checkpoint being written
@@ -151,7 +160,7 @@ class DiskClients:
             )
         self.live.clear()
         self.version = {int(cid): int(v) for cid, v in state["version"].items()}
-        missing = [str(self._path(cid, v)) for cid, v in self.version.items() if not self._path(cid, v).exists()]
+        missing = [str(self._path(cid, v)) for cid, v in self.version.items() if not self._source(cid, v).exists()]
         if missing:
             raise FileNotFoundError(
                 f"the checkpoint names client files that are gone: {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
@@ -170,13 +179,19 @@ class DiskClients:
     def _path(self, cid: int, version: int) -> Path:
         return self.directory / f"{cid}.r{version}.pt"
 
+    def _source(self, cid: int, version: int) -> Path:
+        path = self._path(cid, version)
+        if self.fallback is not None and not path.exists():
+            return self.fallback / path.name
+        return path
+
     def _load(self, cid: int) -> FederatedClient:
         assert self._build is not None, "populate the pool first"
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._init_rng[cid])
             client = self._build(cid)
         if cid in self.version:
-            client.load_state_dict(torch.load(self._path(cid, self.version[cid]), map_location="cpu"))
+            client.load_state_dict(torch.load(self._source(cid, self.version[cid]), map_location="cpu"))
         return client
 
     def _write(self, cid: int, round_: int, client: FederatedClient) -> None:

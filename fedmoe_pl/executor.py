@@ -42,6 +42,9 @@ class FitOutcome:
 
 
 class Executor(Protocol):
+    """Trains a round's cohort. An executor may also expose ``round_stats``, a dict the loop adds to
+    the round's metrics (the multi-process executor reports the training samples of each rank)."""
+
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         """Train every job's client; yield one outcome per job, in order."""
         ...
@@ -53,13 +56,23 @@ class SequentialExecutor:
     Args:
         trainer_kwargs: the user's Trainer arguments (accelerator, precision, ...); the executor
             sets the ones a local fit owns (one device, the epochs, no logging or checkpoints).
+        plugins: the Trainers' plugins (default: under Slurm, its environment without auto-requeue).
+        devices: the Trainers' ``devices`` (one device; a list picks which GPU).
     """
 
-    def __init__(self, trainer_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        trainer_kwargs: dict[str, Any] | None = None,
+        plugins: list[Any] | None = None,
+        devices: int | list[int] = 1,
+    ) -> None:
         self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.devices = devices
         # Under Slurm, Lightning would save and requeue a single local fit on SIGUSR1; the
         # federation keeps its own checkpoints and requeues itself (fedmoe_pl.slurm).
-        self.plugins: list[Any] = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+        if plugins is None:
+            plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+        self.plugins = plugins
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         for job in jobs:
@@ -81,7 +94,7 @@ class SequentialExecutor:
         job.data.shuffle_seed = job.seed
         trainer = L.Trainer(
             **self.trainer_kwargs,
-            devices=1,
+            devices=self.devices,
             max_epochs=job.epochs,
             logger=False,
             enable_checkpointing=False,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -14,8 +14,9 @@ import torch
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients
 from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.evaluation import Evaluator
-from fedmoe_pl.executor import SequentialExecutor
+from fedmoe_pl.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
+from fedmoe_pl.evaluation import Evaluator, NoEvaluation
+from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.signals import StopSignals
@@ -23,6 +24,7 @@ from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, S
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Config keys that may change between a run and its resumption without changing its results.
 RESUMABLE_KEYS = (
@@ -73,14 +75,21 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
 
 
-def training_device(trainer: dict[str, Any]) -> torch.device:
+def training_device(trainer: dict[str, Any], plugins: Sequence[Any] = ()) -> torch.device:
     """The device the local fits will use, resolved once by Lightning from the Trainer settings.
 
     Building a throwaway Trainer also refuses an accelerator this machine lacks before anything
     is written.
     """
     try:
-        probe = L.Trainer(**trainer, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        probe = L.Trainer(
+            **trainer,
+            devices=1,
+            plugins=list(plugins),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+        )
         return probe.strategy.root_device
     except Exception as err:
         raise ValueError(
@@ -93,10 +102,44 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
     """Train (or resume) the federation; write the run directory; return the summary.
 
     Everything that can refuse the command is checked before the run directory is touched.
+    Launched as several processes (``torchrun``, ``srun -n K``), the ranks share every round's
+    training (:mod:`fedmoe_pl.distributed`) and only rank 0 writes.
     """
-    exp.algorithm.check(exp.client)
-    device = training_device(exp.trainer)
+    group = ProcessGroup.from_env()
+    if group is None:
+        return _fit(exp, resume, None, training_device(exp.trainer))
+    device = training_device(exp.trainer, [SingleProcessEnvironment()])
+    if device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+    group.start(use_cuda=device.type == "cuda")
+    try:
+        return _fit(exp, resume, group, device)
+    finally:
+        group.stop()
+
+
+def _fit(exp: Experiment, resume: str | None, group: ProcessGroup | None, device: torch.device) -> dict[str, Any]:
+    agree = group.agree if group is not None else _call
     run_dir = RunDirectory(exp.federation.run_dir)
+    checkpoint, wanted = agree(lambda: _checks(exp, resume, run_dir))
+    if group is not None and not group.leader:
+        return _train(exp, None, checkpoint, wanted, device, group)
+    run_dir.acquire()
+    try:
+        if resume is None and run_dir.holds_run():  # a run that started meanwhile, before the lock
+            raise ValueError(f"run directory {str(run_dir.path)!r} already holds a run started by another process")
+        return _train(exp, run_dir, checkpoint, wanted, device, group)
+    finally:
+        run_dir.release()
+
+
+def _call(check: Callable[[], T]) -> T:
+    return check()
+
+
+def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Refuse what cannot run, load the data and the checkpoint to resume: before anything is written."""
+    exp.algorithm.check(exp.client)
     if resume is not None and RunDirectory.locate(resume).resolve() != run_dir.path.resolve():
         raise ValueError(
             f"--resume {resume} names another run than federation.run_dir {str(run_dir.path)!r}; "
@@ -129,25 +172,33 @@ def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
             f"refusing to resume: the partition fingerprint is {exp.data.fingerprint} but the run used "
             f"{checkpoint['meta']['fingerprint']}; the data on disk differs from the run's"
         )
-    run_dir.acquire()
-    try:
-        if resume is None and run_dir.holds_run():  # a run that started meanwhile, before the lock
-            raise ValueError(f"run directory {str(run_dir.path)!r} already holds a run started by another process")
-        return _train(exp, run_dir, checkpoint, wanted, device)
-    finally:
-        run_dir.release()
+    return checkpoint, wanted
 
 
-def client_pool(cfg: FederationConfig) -> ClientPool:
-    """The store ``federation.client_store`` names."""
-    if cfg.client_store == "disk":
-        return DiskClients(cfg.client_store_dir or Path(cfg.run_dir) / "clients")
-    return MemoryClients()
+def client_pool(cfg: FederationConfig, group: ProcessGroup | None = None) -> ClientPool:
+    """The store ``federation.client_store`` names (ranks after the first keep theirs in a private folder)."""
+    if cfg.client_store == "memory":
+        return MemoryClients()
+    directory = cfg.client_store_dir or Path(cfg.run_dir) / "clients"
+    if group is not None and not group.leader:
+        return DiskClients(None, fallback=directory)
+    return DiskClients(directory)
 
 
-def build_federation(exp: Experiment, sinks: Sequence[Sink] = (), device: Any = "cpu") -> Federation:
-    """The experiment's federation: one Trainer per client in turn, evaluated on ``device``."""
-    executor = SequentialExecutor(exp.trainer)
+def build_federation(
+    exp: Experiment, sinks: Sequence[Sink] = (), device: Any = "cpu", group: ProcessGroup | None = None
+) -> Federation:
+    """The experiment's federation: one Trainer per client in turn (on this rank's share of every
+    round in a multi-process run), evaluated on ``device`` (by rank 0 only)."""
+    executor: Executor
+    evaluator: Evaluator = Evaluator(device)
+    if group is None:
+        executor = SequentialExecutor(exp.trainer)
+    else:
+        gpu = torch.device(device).type == "cuda"
+        local = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
+        executor = DistributedExecutor(local, group)
+        evaluator = evaluator if group.leader else NoEvaluation()
     return Federation(
         exp.federation,
         exp.data,
@@ -155,15 +206,27 @@ def build_federation(exp: Experiment, sinks: Sequence[Sink] = (), device: Any = 
         exp.algorithm,
         exp.seed,
         executor,
-        Evaluator(device),
+        evaluator,
         sinks,
-        client_pool(exp.federation),
+        client_pool(exp.federation, group),
     )
 
 
 def _train(
-    exp: Experiment, run_dir: RunDirectory, checkpoint: dict[str, Any] | None, wanted: dict[str, Any], device: Any
+    exp: Experiment,
+    run_dir: RunDirectory | None,
+    checkpoint: dict[str, Any] | None,
+    wanted: dict[str, Any],
+    device: Any,
+    group: ProcessGroup | None = None,
 ) -> dict[str, Any]:
+    """Run the federation; ``run_dir`` None: a rank that writes nothing."""
+    if run_dir is None:
+        fed = build_federation(exp, (), device, group)
+        if checkpoint is not None:
+            fed.load_state_dict(checkpoint)
+        with StopSignals() as signals:
+            return fed.run(signals)
     run_dir.write_text("config.yaml", exp.config_yaml)
     partition = exp.data.report()
     run_dir.write_json("partition.json", partition)
@@ -182,7 +245,7 @@ def _train(
         SummaryFile(run_dir),
         Plots(run_dir),
     ]
-    fed = build_federation(exp, sinks, device)
+    fed = build_federation(exp, sinks, device, group)
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
     with StopSignals() as signals:

@@ -153,6 +153,7 @@ class Federation:
             elif outcome.result is not None:
                 results.append(outcome.result)
         bytes_down += self._deliver(self.algorithm.aggregate(round_, results))
+        stats = getattr(self.executor, "round_stats", {})  # what an executor reports of its round, if anything
         losses = [r.metrics["train_loss"] for r in results]
         record: dict[str, Any] = {
             "round": round_,
@@ -163,6 +164,7 @@ class Federation:
             "bytes_up": sum(payload_bytes(r.upload) for r in results),
             "bytes_down": bytes_down,
             "train_flops": sum(self._training_flops(r) for r in results),
+            **stats,
         }
         for r in results:
             self.shared_numel[r.client_id] = payload_numel(r.upload)

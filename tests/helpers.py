@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,13 @@ def tiny_config(tmp_path: Path, **federation: Any) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_idx(folder: Path, n_train: int = 30, n_test: int = 10, compress: bool = False) -> None:
