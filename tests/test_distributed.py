@@ -32,17 +32,8 @@ def _single(*argv: str) -> list[str]:
 
 
 def _torchrun(*argv: str) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    return [
-        *launcher,
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "fedmoe_pl.cli",
-        "fit",
-    ] + [*argv]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    return [*launcher, "--master-port", str(free_port()), "-m", "fedmoe_pl.cli", "fit", *argv]
 
 
 def _run(command: list[str], timeout: float = 300) -> None:
