@@ -92,9 +92,10 @@ def _worker_pids(launcher: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_distributed_run_with_one_rank_killed_resumes_to_the_single_process_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_distributed_run_with_one_rank_killed_resumes_to_the_single_process_result(tmp_path: Path, store: str) -> None:
     slow = overlay(tmp_path, "slow", {"data": {"source": {"init_args": {"train_per_class": 300}}}})
-    config = tiny_config(tmp_path, rounds=5, local_epochs=2)
+    config = tiny_config(tmp_path, rounds=5, local_epochs=2, client_store=store)
     argv = ["--config", str(config), "--config", str(slow)]
     run = tmp_path / "multi"
     proc = subprocess.Popen(_torchrun(*argv, "--federation.run_dir", str(run)), env=_env(), stderr=subprocess.PIPE)
