@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
+from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
@@ -190,15 +191,17 @@ def build_federation(
 ) -> Federation:
     """The experiment's federation: one Trainer per client in turn (on this rank's share of every
     round in a multi-process run), evaluated on ``device`` (by rank 0 only)."""
-    executor: Executor
     evaluator: Evaluator = Evaluator(device)
     if group is None:
-        executor = SequentialExecutor(exp.trainer)
+        executor: Executor = SequentialExecutor(exp.trainer)
     else:
         gpu = torch.device(device).type == "cuda"
-        local = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
-        executor = DistributedExecutor(local, group)
+        executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
         evaluator = evaluator if group.leader else NoEvaluation()
+    if exp.federation.executor == "batched":
+        executor = BatchedExecutor(device, fallback=executor, precision=exp.trainer.get("precision"))
+    if group is not None:
+        executor = DistributedExecutor(executor, group)
     return Federation(
         exp.federation,
         exp.data,

@@ -40,6 +40,10 @@ class FederationConfig:
             written back after the round; for client counts beyond memory). Results are the same.
         client_store_dir: the folder of the ``disk`` store (default: ``clients`` in the run
             directory). It must stay beside the run's checkpoint to resume.
+        executor: how a round's clients train: ``sequential`` (a Lightning Trainer per client, in
+            turn) or ``batched`` (the clients of one architecture stacked and trained together,
+            one step for all; :mod:`fedmoe_pl.batched`). Both give the same parameters up to float
+            rounding; methods whose clients are not batchable train sequentially either way.
     """
 
     rounds: int = 5
@@ -52,6 +56,7 @@ class FederationConfig:
     dropout: float = 0.0
     client_store: Literal["memory", "disk"] = "memory"
     client_store_dir: str | None = None
+    executor: Literal["sequential", "batched"] = "sequential"
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -66,6 +71,8 @@ class FederationConfig:
             raise ValueError(f"federation.dropout is a probability in [0, 1), got {self.dropout}")
         if self.client_store not in ("memory", "disk"):
             raise ValueError(f"federation.client_store must be 'memory' or 'disk', got {self.client_store!r}")
+        if self.executor not in ("sequential", "batched"):
+            raise ValueError(f"federation.executor must be 'sequential' or 'batched', got {self.executor!r}")
         if self.on_client_error not in ("stop", "drop"):
             raise ValueError(f"federation.on_client_error must be 'stop' or 'drop', got {self.on_client_error!r}")
 

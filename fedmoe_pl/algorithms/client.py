@@ -86,6 +86,11 @@ class FederatedClient(L.LightningModule):
         ctx: the client's id, data shape and the shared :class:`ClientConfig` (its SGD settings).
     """
 
+    #: Whether the batched executor may train this client stacked with others: its
+    #: ``training_loss`` is a pure function of its parameters, buffers and the batch (buffers may be
+    #: updated in place), with no other state and no hooks that matter during a local fit.
+    batchable: bool = False
+
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__()
         self.client_id, self.num_classes, self.config = ctx.client_id, ctx.num_classes, ctx.config

@@ -48,6 +48,7 @@ class ModelClient(FederatedClient):
     """
 
     model: Any  # a zoo model: an nn.Module with the ZooModel attributes
+    batchable = True  # cross-entropy on the model's output, nothing else
 
     def __init__(self, ctx: ClientContext, model: nn.Module) -> None:
         super().__init__(ctx)
@@ -67,6 +68,8 @@ class StatsClient(ModelClient):
     Gathering them in the training loop, as FedProto's reference code does, costs no second pass
     over the data. Subclasses choose what to gather (:meth:`statistic`) and add a regulariser.
     """
+
+    batchable = False  # gathers statistics while training
 
     def __init__(self, ctx: ClientContext, model: nn.Module) -> None:
         super().__init__(ctx, model)

@@ -26,6 +26,8 @@ class PFedMoEClient(FederatedClient):
         method: the algorithm, for its ``gate_lr``.
     """
 
+    batchable = True  # cross-entropy on the MoE's output; the gate norm's running statistics are buffers
+
     def __init__(self, ctx: ClientContext, moe: LocalMoE, method: PFedMoE) -> None:
         super().__init__(ctx)
         self.moe = moe

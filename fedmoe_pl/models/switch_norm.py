@@ -41,8 +41,9 @@ class SwitchNorm1d(nn.Module):
             var_bn = x.var(dim=0, unbiased=False, keepdim=True)  # (1, D)
             with torch.no_grad():
                 n = x.shape[0]
-                self.running_mean.lerp_(mean_bn.squeeze(0), self.momentum)
-                self.running_var.lerp_(var_bn.squeeze(0) * n / (n - 1), self.momentum)
+                # copy_ of an out-of-place lerp: the same values as lerp_, and vmap can batch it.
+                self.running_mean.copy_(torch.lerp(self.running_mean, mean_bn.squeeze(0), self.momentum))
+                self.running_var.copy_(torch.lerp(self.running_var, var_bn.squeeze(0) * n / (n - 1), self.momentum))
         else:
             mean_bn = self.running_mean.unsqueeze(0)  # (1, D)
             var_bn = self.running_var.unsqueeze(0)  # (1, D)
