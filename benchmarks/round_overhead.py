@@ -1,25 +1,38 @@
-"""One round of the quickstart federation against a minimal plain-PyTorch loop doing the same work.
+"""One pFedMoE round through each executor against a minimal plain-PyTorch loop doing the same work.
 
-Both sides start every client from the same weights, run the same SGD steps on the same batches
-(same shuffling and augmentation seeds), average the global experts, and evaluate every client on
-its test set. The federation side also writes its checkpoint, as every real round does. The ratio
-is what Lightning and the federation's bookkeeping cost on top of the bare training.
+All sides start every client from the same weights, train the round's sampled clients with the
+same SGD steps on the same batches (same shuffling and augmentation seeds), average the global
+experts, and evaluate every client on its test set. The federation also writes its checkpoint, as
+every real round does. The ratios are what Lightning and the federation's bookkeeping cost on top
+of the bare training (sequential executor), or what training the clients together saves (batched).
 
     python benchmarks/round_overhead.py [--config configs/quickstart.yaml] [--repeats 2]
+        [--executors sequential batched] [--device cpu|cuda] [-- FIT ARGUMENTS...]
+
+    # 100 clients, C = 0.1 (10 clients a round, about 600 images each)
+    python benchmarks/round_overhead.py -- --data.num_clients 100 --federation.participation 0.1
+
+On a GPU, the mean utilisation (``nvidia-smi``, sampled every 50 ms) is printed beside each time.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import weighted_mean
+from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
+from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.experiment import build_federation
 from fedmoe_pl.federation import Federation, quiet_lightning
 from fedmoe_pl.rundir import RunDirectory
@@ -34,18 +47,50 @@ class RoundCheckpoint(Checkpoint):
         pass
 
 
-def plain_round(clients, data, seed: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+class Utilisation:
+    """Mean GPU utilisation (%) while the block runs, from nvidia-smi; None on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"]
+        while not self._stop.wait(0.05):
+            try:
+                self.samples.append(float(subprocess.run(query, capture_output=True, text=True).stdout.split()[0]))
+            except (OSError, ValueError, IndexError):
+                return
+
+    def __enter__(self) -> Utilisation:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def plain_round(clients, data, seed: int, sampled: list[int], device: torch.device) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     uploads, weights = [], []
-    for k, client in enumerate(clients):
-        shard = data.clients[k]
+    for k in sampled:
+        client, shard = clients[k].to(device), data.clients[k]
         shard.shuffle_seed = fit_seed(seed, 1, k)
         cfg = client.config
         optimizer = torch.optim.SGD(
             client.param_groups(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         client.train()
-        for x, y in shard.train_batches():
+        for x, y in shard.train_batches(device):
             loss = F.cross_entropy(client.moe(x)[0], y)
             optimizer.zero_grad()
             loss.backward()
@@ -55,75 +100,90 @@ def plain_round(clients, data, seed: int) -> tuple[float, float]:  # type: ignor
     merged = weighted_mean(uploads, weights)
     accs = []
     for k, client in enumerate(clients):
-        client.moe.global_expert.load_state_dict(merged)
+        client.to(device).moe.global_expert.load_state_dict(merged)
         client.eval()
-        correct = 0
+        correct = torch.zeros((), device=device, dtype=torch.long)
         with torch.inference_mode():
-            for x, y in data.clients[k].eval_batches():
-                correct += int((client.moe(x)[0].argmax(1) == y).sum())
-        accs.append(correct / data.clients[k].num_test)
+            for x, y in data.clients[k].eval_batches(device):
+                correct += (client.moe(x)[0].argmax(1) == y).sum()
+        accs.append(int(correct) / data.clients[k].num_test)
     return time.perf_counter() - start, sum(accs) / len(accs)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--executors", nargs="+", default=["sequential", "batched"], choices=["sequential", "batched"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("fit_args", nargs="*", help="more fit arguments, after --")
     args = parser.parse_args()
     quiet_lightning()
-    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device(args.device)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
     cli = build_parser()
-    fed_times, plain_times = [], []
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in args.executors}}
+    utilisation: dict[str, list[float | None]] = {name: [] for name in times}
+    accuracy: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sub = subcommand_parser(cli, "fit")
-        cfg = cli.parse_args(
-            [
-                "fit",
-                "--config",
-                args.config,
-                "--federation.rounds",
-                "1",
-                "--federation.run_dir",
-                tmp,
-                "--trainer.accelerator",
-                "cpu",
-            ]
-        )
-        exp = _experiment(sub, cfg.fit)
+        argv = ["fit", "--config", args.config, "--federation.rounds", "1", "--federation.run_dir", tmp]
+        cfg = cli.parse_args([*argv, "--trainer.accelerator", accelerator, *args.fit_args])
+        exp = _experiment(subcommand_parser(cli, "fit"), cfg.fit)
         torch.manual_seed(exp.seed)
         exp.data.setup(exp.seed)
         run_dir = RunDirectory(tmp)
         run_dir.acquire()
-        fed = build_federation(exp, [RoundCheckpoint(run_dir, {})])
+        fed = build_federation(exp, [RoundCheckpoint(run_dir, {})], device)
         server = fed.algorithm
         for client in fed.clients:  # every client starts from the server's initial global expert
             client.download(server.global_payload)
         server.held = [server.version] * len(fed.clients)
         initial = [copy.deepcopy(c.state_dict()) for c in fed.clients]
         initial_server = copy.deepcopy(server.state_dict())
-        steps = sum(len(d.train_dataloader()) for d in exp.data.clients)
-        for repeat in range(args.repeats + 1):  # the first pair warms up caches and lazy imports
+        sampled = fed.schedule[0]
+        executors: dict[str, Callable[[], Executor]] = {
+            "sequential": lambda: SequentialExecutor(exp.trainer),
+            "batched": lambda: BatchedExecutor(device, SequentialExecutor(exp.trainer), exp.trainer.get("precision")),
+        }
+        steps = sum(len(exp.data.clients[k].train_dataloader()) for k in sampled)
+        for repeat in range(args.repeats + 1):  # the first pass warms up caches and lazy imports
             plain_clients = [copy.deepcopy(c) for c in fed.clients]
             for c, s in zip(plain_clients, initial):
                 c.load_state_dict(s)
-            plain, plain_acc = plain_round(plain_clients, exp.data, exp.seed)
-            for c, s in zip(fed.clients, initial):
-                c.load_state_dict(s)
-            server.load_state_dict(copy.deepcopy(initial_server))
-            fed.round, fed.final, fed.best = 0, None, None
-            start = time.perf_counter()
-            fed_acc = fed.run()["final_mean_acc"]
-            federation = time.perf_counter() - start
+            with Utilisation(device) as busy:
+                seconds, accuracy["plain"] = plain_round(plain_clients, exp.data, exp.seed, sampled, device)
             if repeat:
-                plain_times.append(plain)
-                fed_times.append(federation)
-    f, p = min(fed_times), min(plain_times)
-    print(f"config={args.config}: {len(fed.clients)} clients, {steps} SGD steps per round, best of {args.repeats}")
-    print(f"federation round : {f:7.2f} s")
-    print(f"plain PyTorch    : {p:7.2f} s")
-    print(f"ratio            : {f / p:7.3f}  (target <= 1.10)")
-    # Same method, same data, two independent implementations: the accuracies should agree.
-    print(f"mean accuracy after the round: federation {fed_acc:.4f}, plain loop {plain_acc:.4f}")
+                times["plain"].append(seconds)
+                utilisation["plain"].append(busy.mean)
+            for name in args.executors:
+                for c, s in zip(fed.clients, initial):
+                    c.load_state_dict(s)
+                server.load_state_dict(copy.deepcopy(initial_server))
+                fed.round, fed.final, fed.best = 0, None, None
+                fed.executor = executors[name]()
+                with Utilisation(device) as busy:
+                    start = time.perf_counter()
+                    accuracy[name] = fed.run()["final_mean_acc"]
+                    seconds = time.perf_counter() - start
+                if repeat:
+                    times[name].append(seconds)
+                    utilisation[name].append(busy.mean)
+    print(
+        f"config={args.config} {' '.join(args.fit_args)}: {len(fed.clients)} clients, {len(sampled)} a round, "
+        f"{steps} SGD steps per round, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        f" ({torch.get_num_threads()} threads), best of {args.repeats}"
+    )
+    plain = min(times["plain"])
+    for name, values in times.items():
+        best = min(values)
+        used = [u for u in utilisation[name] if u is not None]
+        busy = f", GPU busy {sum(used) / len(used):5.1f} %" if used else ""
+        print(
+            f"{name:10s} round {best:7.3f} s  ({1 / best:6.2f} rounds/s){busy}  time / plain {best / plain:6.3f}  "
+            f"mean accuracy {accuracy[name]:.4f}"
+        )
+    if "sequential" in times and "batched" in times:
+        print(f"batched rounds/s over sequential: {min(times['sequential']) / min(times['batched']):.3f}")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,24 @@ class BatchedExecutor:
         device: where the stacked clients train.
         fallback: the executor of clients that are not batchable (default: one Trainer each).
         precision: ``"bf16-mixed"`` runs the forward pass under bfloat16 autocast; anything else in fp32.
+        max_group: the most clients stacked in one step. Default: all of a group on a GPU, one on
+            a CPU — there a single client's convolutions already keep the cores busy, and vmap's
+            batched convolution and pooling are slower than the plain ones (measured in
+            ``benchmarks/round_overhead.py``); the functional step without Lightning's per-step
+            work still makes the round faster than the sequential executor's.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", fallback: Executor | None = None, precision: Any = None):
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        fallback: Executor | None = None,
+        precision: Any = None,
+        max_group: int | None = None,
+    ) -> None:
         self.device = torch.device(device)
+        self.max_group = max_group if max_group is not None else (1 if self.device.type == "cpu" else None)
+        if self.max_group is not None and self.max_group < 1:
+            raise ValueError(f"max_group must be a positive number of clients, got {max_group}")
         self.fallback = fallback or SequentialExecutor({"accelerator": "cpu"} if self.device.type == "cpu" else {})
         self.autocast = str(precision) in ("bf16-mixed", "bf16")
 
@@ -83,9 +97,11 @@ class BatchedExecutor:
                 groups.setdefault(group_key(job.client), []).append(index)
             else:
                 sequential.append(index)
-        for members in groups.values():
-            for index, outcome in zip(members, self._fit_group([jobs[i] for i in members])):
-                outcomes[index] = outcome
+        size = self.max_group or len(jobs)
+        for group in groups.values():
+            for members in (group[i : i + size] for i in range(0, len(group), size)):
+                for index, outcome in zip(members, self._fit_group([jobs[i] for i in members])):
+                    outcomes[index] = outcome
         for index, outcome in zip(sequential, self.fallback.fit([jobs[i] for i in sequential])):
             outcomes[index] = outcome
         for index in range(len(jobs)):
@@ -122,74 +138,92 @@ class BatchedExecutor:
         stacked parameters and buffers.
         """
         shell = _Loss(copy.deepcopy(clients[0])).to(self.device).train()
-        stacked_params, stacked_buffers = stack_module_state([_Loss(c) for c in clients])  # copies
-        params = {name: p.detach().to(self.device) for name, p in stacked_params.items()}
-        buffers = {name: b.to(self.device) for name, b in stacked_buffers.items()}
         lr, weight_decay, momentum = self._sgd_settings(clients[0])
-        velocity: dict[str, torch.Tensor] = {}
-        loss_sum = torch.zeros(len(clients), device=self.device)
         steps = [len(b) for b in batches]
         last_epoch = [s - s // e for s, e in zip(steps, epochs)]  # the first step of each client's last epoch
+        if len(clients) == 1:
+            return self._train_one(shell, clients[0], batches[0], last_epoch[0], epochs[0], lr, weight_decay, momentum)
+        stacked_params, stacked_buffers = stack_module_state([_Loss(c) for c in clients])  # copies
+        params = {name: p.detach().to(self.device).requires_grad_(True) for name, p in stacked_params.items()}
+        buffers = {name: b.to(self.device) for name, b in stacked_buffers.items()}
+        sgd = _StackedSGD(params, lr, weight_decay, momentum)
+        loss_sum = torch.zeros(len(clients), device=self.device)
         for t in range(max(steps, default=0)):
             buckets: dict[int, list[int]] = {}
             for k in range(len(clients)):
                 if t < steps[k]:
                     buckets.setdefault(len(batches[k][t][1]), []).append(k)
             for members in buckets.values():
-                x = torch.stack([batches[k][t][0] for k in members])  # (G, B, C, H, W)
-                y = torch.stack([batches[k][t][1] for k in members])  # (G, B)
-                losses = self._step(shell, params, buffers, velocity, members, t, x, y, lr, weight_decay, momentum)
+                x = torch.stack([batches[k][t][0] for k in members])  # (G', B, C, H, W)
+                y = torch.stack([batches[k][t][1] for k in members])  # (G', B)
+                losses = self._step(shell, params, buffers, sgd, members, x, y)
                 counted = [k for k in members if t >= last_epoch[k]]
                 loss_sum[counted] += losses[counted]
         means = (loss_sum.cpu() / torch.tensor([max(s // e, 1) for s, e in zip(steps, epochs)])).tolist()
-        return means, params, buffers
+        return means, {name: p.detach() for name, p in params.items()}, buffers
+
+    def _train_one(
+        self,
+        shell: nn.Module,
+        client: FederatedClient,
+        batches: list[Batch],
+        last_epoch: int,
+        epochs: int,
+        lr: dict[str, float],
+        weight_decay: float,
+        momentum: float,
+    ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A group of one: the same functional step on the client's own (unstacked) tensors."""
+        wrapped = _Loss(client)
+        params = {n: p.detach().clone().to(self.device).requires_grad_(True) for n, p in wrapped.named_parameters()}
+        buffers = {n: b.detach().clone().to(self.device) for n, b in wrapped.named_buffers()}
+        sgd = _StackedSGD(params, lr, weight_decay, momentum)
+        loss_sum = torch.zeros((), device=self.device)
+        for t, (x, y) in enumerate(batches):
+            loss = self._loss(shell, params, buffers, x, y)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            with torch.no_grad():
+                sgd.step(grads, None)
+            if t >= last_epoch:
+                loss_sum += loss.detach().float()
+        mean = float(loss_sum) / max(len(batches) // epochs, 1)
+        return (
+            [mean],
+            {n: p.detach().unsqueeze(0) for n, p in params.items()},
+            {n: b.unsqueeze(0) for n, b in buffers.items()},
+        )
+
+    def _loss(
+        self, shell: nn.Module, p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """One client's training loss with the given tensors (norms update their running statistics in ``b``)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return functional_call(shell, (p, b), (x, y))  # type: ignore[no-any-return]
 
     def _step(
         self,
         shell: nn.Module,
         params: dict[str, torch.Tensor],
         buffers: dict[str, torch.Tensor],
-        velocity: dict[str, torch.Tensor],
+        sgd: _StackedSGD,
         members: list[int],
-        t: int,
         x: torch.Tensor,
         y: torch.Tensor,
-        lr: dict[str, float],
-        weight_decay: float,
-        momentum: float,
     ) -> torch.Tensor:
         """One SGD step of the listed clients; returns their losses scattered into a (G,) vector."""
         count = next(iter(params.values())).shape[0]
-        whole = len(members) == count
-        index = torch.tensor(members, device=self.device)
-
-        def take(t_: torch.Tensor) -> torch.Tensor:
-            return t_ if whole else t_.index_select(0, index)
-
-        p = {name: take(v).clone().requires_grad_(True) for name, v in params.items()}
-        b = {name: take(v).clone() for name, v in buffers.items()}
-
-        def loss_of(p_: dict[str, torch.Tensor], b_: dict[str, torch.Tensor], x_: torch.Tensor, y_: torch.Tensor):  # type: ignore[no-untyped-def]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                return functional_call(shell, (p_, b_), (x_, y_))
-
-        losses = vmap(loss_of)(p, b, x, y)  # (G',)
-        losses.sum().backward()
+        index = None if len(members) == count else torch.tensor(members, device=self.device)
+        p = params if index is None else {name: v.index_select(0, index) for name, v in params.items()}
+        b = buffers if index is None else {name: v.index_select(0, index) for name, v in buffers.items()}
+        losses = vmap(lambda p_, b_, x_, y_: self._loss(shell, p_, b_, x_, y_))(p, b, x, y)  # (G',)
+        grads = torch.autograd.grad(losses.sum(), list(p.values()), allow_unused=True)
         with torch.no_grad():
-            for name, value in p.items():
-                grad = value.grad if value.grad is not None else torch.zeros_like(value)
-                d = grad.add(value, alpha=weight_decay) if weight_decay else grad
-                if momentum:
-                    buf = d.clone() if t == 0 else take(velocity[name]).mul(momentum).add_(d)
-                    d = buf
-                    if name not in velocity:
-                        velocity[name] = torch.zeros_like(params[name])
-                    _put(velocity[name], index, buf, whole)
-                _put(params[name], index, value.detach().add(d, alpha=-lr[name]), whole)
-            for name, value in b.items():
-                _put(buffers[name], index, value, whole)
+            sgd.step(grads, index)
+            if index is not None:
+                for name, value in b.items():
+                    buffers[name].index_copy_(0, index, value)
         out = torch.zeros(count, device=self.device)
-        out[index] = losses.detach().float()
+        out[members] = losses.detach().float()
         return out
 
     @staticmethod
@@ -204,8 +238,41 @@ class BatchedExecutor:
         return lr, cfg.weight_decay, cfg.momentum
 
 
-def _put(target: torch.Tensor, index: torch.Tensor, value: torch.Tensor, whole: bool) -> None:
-    if whole:
-        target.copy_(value)
-    else:
-        target.index_copy_(0, index, value)
+class _StackedSGD:
+    """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov) over stacked clients.
+
+    Each update is elementwise, so a stacked tensor gets exactly the update each client's own
+    optimizer would give it. ``index`` restricts a step to some clients; the others keep their
+    parameters and momentum, as if they had not stepped at all.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: dict[str, float], weight_decay: float, momentum: float):
+        self.names = list(params)
+        self.params = [params[n] for n in self.names]
+        self.lr = [lr[n] for n in self.names]
+        self.weight_decay, self.momentum = weight_decay, momentum
+        self.by_lr: dict[float, list[int]] = {}
+        for k, value in enumerate(self.lr):
+            self.by_lr.setdefault(value, []).append(k)
+        # Zero momentum makes the first step's buffer the gradient itself, as SGD's first step sets it.
+        self.velocity = [torch.zeros_like(p) for p in self.params] if momentum else []
+
+    def step(self, grads: Sequence[torch.Tensor | None], index: torch.Tensor | None) -> None:
+        d: list[torch.Tensor] = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        if index is None:  # every client steps: multi-tensor ops, as SGD's foreach path does
+            if self.weight_decay:
+                d = list(torch._foreach_add(d, self.params, alpha=self.weight_decay))
+            if self.momentum:
+                torch._foreach_mul_(self.velocity, self.momentum)
+                torch._foreach_add_(self.velocity, d)
+                d = self.velocity
+            for lr, members in self.by_lr.items():
+                torch._foreach_add_([self.params[k] for k in members], [d[k] for k in members], alpha=-lr)
+            return
+        for k, param in enumerate(self.params):
+            value = param.index_select(0, index)
+            step = d[k].add(value, alpha=self.weight_decay) if self.weight_decay else d[k]
+            if self.momentum:
+                step = self.velocity[k].index_select(0, index).mul_(self.momentum).add_(step)
+                self.velocity[k].index_copy_(0, index, step)
+            param.index_copy_(0, index, value.add(step, alpha=-self.lr[k]))

@@ -46,8 +46,10 @@ def _federation(tmp_path: Path, method: str, *argv: str) -> Federation:
     return build_federation(exp)
 
 
+@pytest.mark.parametrize("max_group", [6, 1], ids=["stacked", "one-at-a-time"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, method: str) -> None:
+def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, method: str, max_group) -> None:
+    """``max_group=6`` stacks every client of an architecture (3 here), as a GPU does by default."""
     fed = _federation(tmp_path, method)
     jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]
     sizes = {job.data.num_train for job in jobs}
@@ -57,7 +59,7 @@ def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, 
     expected = [copy.deepcopy(c.state_dict()) for c in fed.clients]
     for client, state in zip(fed.clients, start):
         client.load_state_dict(state)
-    batched = list(BatchedExecutor("cpu").fit(jobs))
+    batched = list(BatchedExecutor("cpu", max_group=max_group).fit(jobs))
     for k, client in enumerate(fed.clients):
         assert batched[k].error is None and batched[k].result is not None
         got = client.state_dict()
