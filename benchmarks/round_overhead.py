@@ -99,9 +99,10 @@ def plain_round(clients, data, seed: int, sampled: list[int], device: torch.devi
         weights.append(shard.num_train)
     merged = weighted_mean(uploads, weights)
     accs = []
+    for k in sampled:  # as the federation does: the new global expert goes to the clients that reported
+        clients[k].moe.global_expert.load_state_dict(merged)
     for k, client in enumerate(clients):
-        client.to(device).moe.global_expert.load_state_dict(merged)
-        client.eval()
+        client.to(device).eval()
         correct = torch.zeros((), device=device, dtype=torch.long)
         with torch.inference_mode():
             for x, y in data.clients[k].eval_batches(device):

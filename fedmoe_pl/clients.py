@@ -53,11 +53,104 @@ class ClientPool(Protocol):
         """The checkpoint holding the last :meth:`state_dict` is safely written."""
 
 
-class MemoryClients:
-    """Every client in memory for the whole run (the default)."""
+class ClientFiles:
+    """Client states as files, one per version (``<cid>.r<round>.pt``), and each client's current version.
 
-    def __init__(self) -> None:
+    A version is written when a round changed the client. The checkpoint records the version map
+    (:meth:`snapshot`); once it is safely written (:meth:`committed`), older files are deleted, so
+    at most two versions of a client exist: the one the last checkpoint names and a newer one.
+
+    Args:
+        directory: where files are written; None: read only.
+        fallback: where to read a version ``directory`` lacks (the store of the rank that writes
+            the checkpoints, for the other ranks of a multi-process run).
+    """
+
+    def __init__(self, directory: Path | None, fallback: Path | None = None) -> None:
+        self.directory, self.fallback = directory, fallback
+        self.version: dict[int, int] = {}  # cid -> round of its current file; absent: initial weights
+        self.saved: dict[int, int] = {}  # the versions the last written checkpoint names
+        self._pending: dict[int, int] = {}  # the versions of the checkpoint being written
+        self._on_disk: dict[int, set[int]] = {}  # versions of each client known to be on disk
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, cid: int, version: int) -> Path:
+        for folder in (self.directory, self.fallback):
+            if folder is not None and (folder / f"{cid}.r{version}.pt").exists():
+                return folder / f"{cid}.r{version}.pt"
+        return (self.directory or self.fallback or Path()) / f"{cid}.r{version}.pt"
+
+    def read(self, cid: int) -> dict[str, torch.Tensor] | None:
+        """The client's current state, or None while it has its initial weights."""
+        if cid not in self.version:
+            return None
+        return torch.load(self.path(cid, self.version[cid]), map_location="cpu")  # type: ignore[no-any-return]
+
+    def write(self, cid: int, round_: int, state: dict[str, torch.Tensor]) -> None:
+        if self.directory is None:
+            self.version[cid] = round_
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{cid}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(state, fh)
+            os.replace(tmp, self.directory / f"{cid}.r{round_}.pt")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.version[cid] = round_
+        # Keep this version and the one the last checkpoint names; older files are unreferenced.
+        keep = {round_, self.saved.get(cid, round_)}
+        for stale in self._on_disk.get(cid, set()) - keep:
+            (self.directory / f"{cid}.r{stale}.pt").unlink(missing_ok=True)
+        self._on_disk[cid] = (self._on_disk.get(cid, set()) & keep) | {round_}
+
+    def snapshot(self) -> dict[str, Any]:
+        self._pending = dict(self.version)
+        return {"version": dict(self.version)}
+
+    def committed(self) -> None:
+        self.saved = self._pending
+        if self.directory is None:
+            return
+        for cid, versions in self._on_disk.items():  # what no checkpoint names any more
+            for stale in versions - {self.version[cid]}:
+                (self.directory / f"{cid}.r{stale}.pt").unlink(missing_ok=True)
+            self._on_disk[cid] = {self.version[cid]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.version = {int(cid): int(v) for cid, v in state["version"].items()}
+        missing = [str(self.path(cid, v)) for cid, v in self.version.items() if not self.path(cid, v).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"the checkpoint names client files that are gone: {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                "the client files must stay beside the checkpoint (federation.client_store_dir)"
+            )
+        self.saved = dict(self.version)
+        self._on_disk = {cid: {v} for cid, v in self.version.items()}
+
+
+class MemoryClients:
+    """Every client in memory for the whole run (the default).
+
+    Args:
+        directory: where checkpoints keep the clients, a file for each client a round changed
+            (so a checkpoint writes only what changed since the last one). None: checkpoints hold
+            every client's state themselves.
+        fallback: as for :class:`ClientFiles`.
+    """
+
+    def __init__(self, directory: str | Path | None = None, fallback: str | Path | None = None) -> None:
         self.clients: list[FederatedClient] = []
+        self.files = (
+            None
+            if directory is None and fallback is None
+            else ClientFiles(
+                None if directory is None else Path(directory), None if fallback is None else Path(fallback)
+            )
+        )
+        self.touched: set[int] = set()  # clients handed out this round
 
     def populate(self, build: Builder, num_clients: int) -> None:
         self.clients = [build(cid) for cid in range(num_clients)]
@@ -66,38 +159,47 @@ class MemoryClients:
         return len(self.clients)
 
     def __getitem__(self, cid: int) -> FederatedClient:
+        self.touched.add(cid)
         return self.clients[cid]
 
     def visit(self, ids: Iterable[int]) -> Iterator[FederatedClient]:
         return (self.clients[cid] for cid in ids)
 
     def release(self, round_: int) -> None:
-        pass
+        if self.files is not None:
+            for cid in sorted(self.touched):
+                self.files.write(cid, round_, self.clients[cid].state_dict())
+        self.touched.clear()
 
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [c.state_dict() for c in self.clients]
+    def state_dict(self) -> Any:
+        if self.files is None:
+            return [c.state_dict() for c in self.clients]
+        return self.files.snapshot()
 
     def load_state_dict(self, state: Any) -> None:
-        if not isinstance(state, list):
-            raise ValueError(
-                "the checkpoint keeps its clients on disk (federation.client_store: disk); resume it with that setting"
-            )
-        for client, client_state in zip(self.clients, state):
-            client.load_state_dict(client_state)
+        self.touched.clear()
+        if isinstance(state, list):  # a checkpoint that holds every client itself
+            for client, client_state in zip(self.clients, state):
+                client.load_state_dict(client_state)
+            return
+        if self.files is None:
+            raise ValueError("this checkpoint keeps its clients in files; build the pool with their directory")
+        self.files.restore(state)
+        for cid in self.files.version:
+            self.clients[cid].load_state_dict(self.files.read(cid))  # type: ignore[arg-type]
 
     def checkpoint_saved(self) -> None:
-        pass
+        if self.files is not None:
+            self.files.committed()
 
 
 class DiskClients:
     """Clients on local disk between rounds; only the round's clients are in memory.
 
     Args:
-        directory: where the client files go (created if missing). At most two versions of a
-            client are on disk at once: the one the last checkpoint names and a newer one.
-            None: a private temporary folder, removed when the pool is.
-        fallback: a folder to read a version from when ``directory`` lacks it: the store of the
-            rank that writes the checkpoints, for the other ranks of a multi-process run.
+        directory: where the client files go (created if missing); None: a private temporary
+            folder, removed when the pool is.
+        fallback: as for :class:`ClientFiles`.
     """
 
     def __init__(self, directory: str | Path | None, fallback: str | Path | None = None) -> None:
@@ -105,18 +207,13 @@ class DiskClients:
             directory = tempfile.mkdtemp(prefix="fedmoe-clients-")
             weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
         self.directory = Path(directory)
-        self.fallback = None if fallback is None else Path(fallback)
-        self.version: dict[int, int] = {}  # cid -> round of its current file; absent: initial weights
-        self.saved: dict[int, int] = {}  # the versions the last written checkpoint names
-        self._pending: dict[int, int] = {}  # the versions of the checkpoint being written
+        self.files = ClientFiles(self.directory, None if fallback is None else Path(fallback))
         self.live: dict[int, FederatedClient] = {}
         self._build: Builder | None = None
         self._init_rng: list[torch.Tensor] = []  # the CPU random state each client was built from
         self._num_clients = 0
-        self._files: dict[int, set[int]] = {}  # versions of each client known to be on disk
 
     def populate(self, build: Builder, num_clients: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._build, self._num_clients = build, num_clients
         self._init_rng = []
         for cid in range(num_clients):  # built and dropped: the random stream advances as in memory
@@ -137,79 +234,35 @@ class DiskClients:
 
     def release(self, round_: int) -> None:
         for cid, client in sorted(self.live.items()):
-            self._write(cid, round_, client)
+            self.files.write(cid, round_, client.state_dict())
         self.live.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        self._assert_idle()
-        self._pending = dict(self.version)
-        return {"store": "disk", "version": dict(self.version)}
+        if self.live:  # checkpoints happen between rounds
+            raise RuntimeError(f"clients {sorted(self.live)} are still live; release the round first")
+        return self.files.snapshot()
 
     def checkpoint_saved(self) -> None:
-        self.saved = self._pending
-        for cid, files in self._files.items():  # what no checkpoint names any more
-            for stale in files - {self.version[cid]}:
-                self._path(cid, stale).unlink(missing_ok=True)
-            self._files[cid] = {self.version[cid]}
+        self.files.committed()
 
     def load_state_dict(self, state: Any) -> None:
-        if not (isinstance(state, dict) and state.get("store") == "disk"):
+        if isinstance(state, list):
             raise ValueError(
-                "the checkpoint keeps its clients in memory (federation.client_store: memory); resume it with that "
-                "setting"
+                "the checkpoint holds every client's state itself (written by an earlier fedmoe-pl); resume it with "
+                "federation.client_store: memory"
             )
         self.live.clear()
-        self.version = {int(cid): int(v) for cid, v in state["version"].items()}
-        missing = [str(self._path(cid, v)) for cid, v in self.version.items() if not self._source(cid, v).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"the checkpoint names client files that are gone: {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
-                "the client store must stay beside the checkpoint (federation.client_store_dir)"
-            )
-        self.saved = dict(self.version)
-        self._files = {cid: {v} for cid, v in self.version.items()}
-
-    def _assert_idle(self) -> None:
-        """Checkpoints happen between rounds: no client may be live then."""
-        if self.live:
-            raise RuntimeError(f"clients {sorted(self.live)} are still live; release the round first")
-
-    # -- files ----------------------------------------------------------------------------------
-
-    def _path(self, cid: int, version: int) -> Path:
-        return self.directory / f"{cid}.r{version}.pt"
-
-    def _source(self, cid: int, version: int) -> Path:
-        path = self._path(cid, version)
-        if self.fallback is not None and not path.exists():
-            return self.fallback / path.name
-        return path
+        self.files.restore(state)
 
     def _load(self, cid: int) -> FederatedClient:
         assert self._build is not None, "populate the pool first"
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._init_rng[cid])
             client = self._build(cid)
-        if cid in self.version:
-            client.load_state_dict(torch.load(self._source(cid, self.version[cid]), map_location="cpu"))
+        state = self.files.read(cid)
+        if state is not None:
+            client.load_state_dict(state)
         return client
-
-    def _write(self, cid: int, round_: int, client: FederatedClient) -> None:
-        path = self._path(cid, round_)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{cid}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(client.state_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.version[cid] = round_
-        # Keep this version and the one the last checkpoint names; older files are unreferenced.
-        keep = {round_, self.saved.get(cid, round_)}
-        for stale in self._files.get(cid, set()) - keep:
-            self._path(cid, stale).unlink(missing_ok=True)
-        self._files[cid] = (self._files.get(cid, set()) & keep) | {round_}
 
 
 class ReadOnlyClients(Sequence[FederatedClient]):

@@ -34,6 +34,7 @@ RESUMABLE_KEYS = (
     "federation.eval_every",
     "federation.eval_clients",
     "federation.on_client_error",
+    "federation.client_store",
     "wandb",
     "trainer",
     "resume",
@@ -177,13 +178,16 @@ def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple
 
 
 def client_pool(cfg: FederationConfig, group: ProcessGroup | None = None) -> ClientPool:
-    """The store ``federation.client_store`` names (ranks after the first keep theirs in a private folder)."""
+    """The store ``federation.client_store`` names, keeping its files in ``client_store_dir``.
+
+    Ranks after the first of a multi-process run write no files of their own there: they read
+    what a resumed checkpoint names from rank 0's folder.
+    """
+    directory = Path(cfg.client_store_dir or Path(cfg.run_dir) / "clients")
+    follower = group is not None and not group.leader
     if cfg.client_store == "memory":
-        return MemoryClients()
-    directory = cfg.client_store_dir or Path(cfg.run_dir) / "clients"
-    if group is not None and not group.leader:
-        return DiskClients(None, fallback=directory)
-    return DiskClients(directory)
+        return MemoryClients(None, fallback=directory) if follower else MemoryClients(directory)
+    return DiskClients(None, fallback=directory) if follower else DiskClients(directory)
 
 
 def build_federation(

@@ -86,7 +86,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def client_states(run: Path) -> dict[int, dict]:
-    """The client states a run's last checkpoint names: all of them in memory, the written ones on disk."""
+    """The client states a run's last checkpoint names: every client a round has changed (or all of them,
+    in a checkpoint from before client files)."""
     import torch
 
     clients = torch.load(run / "last.ckpt", weights_only=False)["clients"]

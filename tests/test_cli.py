@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_same_run, tiny_config
+from helpers import assert_same_run, client_states, tiny_config
 
 from fedmoe_pl.cli import build_parser, main
 
@@ -50,7 +50,7 @@ def test_end_to_end_three_clients_two_rounds(tmp_path, capsys, monkeypatch) -> N
 
     globals_ = [
         {k[len("moe.global_expert.") :]: v for k, v in c.items() if k.startswith("moe.global_expert.")}
-        for c in state["clients"]
+        for c in client_states(run).values()
     ]
     for g in globals_:  # identical on every client after the broadcast, and equal to the server's
         assert g.keys() == state["server"]["global"].keys()
@@ -59,7 +59,7 @@ def test_end_to_end_three_clients_two_rounds(tmp_path, capsys, monkeypatch) -> N
         not torch.equal(state["server"]["global"][k], after_one["server"]["global"][k])
         for k in state["server"]["global"]
     )
-    local = [c["moe.head.weight"] for c in state["clients"]]
+    local = [c["moe.head.weight"] for c in client_states(run).values()]
     assert not torch.equal(local[0], local[1])
 
     summary = json.loads((run / "summary.json").read_text())
