@@ -159,8 +159,9 @@ class MemoryClients:
         return len(self.clients)
 
     def __getitem__(self, cid: int) -> FederatedClient:
+        client = self.clients[cid]  # IndexError first: iteration over the pool ends there
         self.touched.add(cid)
-        return self.clients[cid]
+        return client
 
     def visit(self, ids: Iterable[int]) -> Iterator[FederatedClient]:
         return (self.clients[cid] for cid in ids)
