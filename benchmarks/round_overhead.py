@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import subprocess
 import tempfile
 import threading
@@ -151,17 +152,22 @@ def main() -> None:
             plain_clients = [copy.deepcopy(c) for c in fed.clients]
             for c, s in zip(plain_clients, initial):
                 c.load_state_dict(s)
+            gc.collect()
             with Utilisation(device) as busy:
                 seconds, accuracy["plain"] = plain_round(plain_clients, exp.data, exp.seed, sampled, device)
+            del plain_clients
             if repeat:
                 times["plain"].append(seconds)
                 utilisation["plain"].append(busy.mean)
-            for name in args.executors:
-                for c, s in zip(fed.clients, initial):
+            order = args.executors[repeat % len(args.executors) :] + args.executors[: repeat % len(args.executors)]
+            for name in order:  # each executor goes first in turn
+                # visit: the reset is not a change a round made, so the round writes only its own clients
+                for c, s in zip(fed.clients.visit(range(len(initial))), initial):
                     c.load_state_dict(s)
                 server.load_state_dict(copy.deepcopy(initial_server))
                 fed.round, fed.final, fed.best = 0, None, None
                 fed.executor = executors[name]()
+                gc.collect()
                 with Utilisation(device) as busy:
                     start = time.perf_counter()
                     accuracy[name] = fed.run()["final_mean_acc"]
