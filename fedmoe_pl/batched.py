@@ -137,12 +137,12 @@ class BatchedExecutor:
         Returns each client's mean loss over its last epoch (as a Trainer fit reports it), and the
         stacked parameters and buffers.
         """
-        shell = _Loss(copy.deepcopy(clients[0])).to(self.device).train()
         lr, weight_decay, momentum = self._sgd_settings(clients[0])
         steps = [len(b) for b in batches]
         last_epoch = [s - s // e for s, e in zip(steps, epochs)]  # the first step of each client's last epoch
         if len(clients) == 1:
-            return self._train_one(shell, clients[0], batches[0], last_epoch[0], epochs[0], lr, weight_decay, momentum)
+            return self._train_one(clients[0], batches[0], last_epoch[0], epochs[0], lr, weight_decay, momentum)
+        shell = _Loss(copy.deepcopy(clients[0])).to(self.device).train()
         stacked_params, stacked_buffers = stack_module_state([_Loss(c) for c in clients])  # copies
         params = {name: p.detach().to(self.device).requires_grad_(True) for name, p in stacked_params.items()}
         buffers = {name: b.to(self.device) for name, b in stacked_buffers.items()}
@@ -164,7 +164,6 @@ class BatchedExecutor:
 
     def _train_one(
         self,
-        shell: nn.Module,
         client: FederatedClient,
         batches: list[Batch],
         last_epoch: int,
@@ -173,25 +172,22 @@ class BatchedExecutor:
         weight_decay: float,
         momentum: float,
     ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """A group of one: the same functional step on the client's own (unstacked) tensors."""
-        wrapped = _Loss(client)
-        params = {n: p.detach().clone().to(self.device).requires_grad_(True) for n, p in wrapped.named_parameters()}
-        buffers = {n: b.detach().clone().to(self.device) for n, b in wrapped.named_buffers()}
+        """A group of one: the same step on a copy of the client, with no stacking or functional call."""
+        wrapped = _Loss(copy.deepcopy(client)).to(self.device).train()
+        params: dict[str, torch.Tensor] = dict(wrapped.named_parameters())
         sgd = _StackedSGD(params, lr, weight_decay, momentum)
         loss_sum = torch.zeros((), device=self.device)
         for t, (x, y) in enumerate(batches):
-            loss = self._loss(shell, params, buffers, x, y)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = wrapped(x, y)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             with torch.no_grad():
                 sgd.step(grads, None)
             if t >= last_epoch:
                 loss_sum += loss.detach().float()
         mean = float(loss_sum) / max(len(batches) // epochs, 1)
-        return (
-            [mean],
-            {n: p.detach().unsqueeze(0) for n, p in params.items()},
-            {n: b.unsqueeze(0) for n, b in buffers.items()},
-        )
+        stacked = {n: p.detach().unsqueeze(0) for n, p in params.items()}
+        return [mean], stacked, {n: b.unsqueeze(0) for n, b in wrapped.named_buffers()}
 
     def _loss(
         self, shell: nn.Module, p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
