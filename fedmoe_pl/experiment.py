@@ -203,7 +203,8 @@ def build_federation(
         executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
         evaluator = evaluator if group.leader else NoEvaluation()
     if exp.federation.executor == "batched":
-        executor = BatchedExecutor(device, fallback=executor, precision=exp.trainer.get("precision"))
+        precision = exp.trainer.get("precision")
+        executor = BatchedExecutor(device, executor, precision, max_group=exp.federation.batched_group)
     if group is not None:
         executor = DistributedExecutor(executor, group)
     return Federation(

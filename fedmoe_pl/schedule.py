@@ -44,6 +44,8 @@ class FederationConfig:
             turn) or ``batched`` (the clients of one architecture stacked and trained together,
             one step for all; :mod:`fedmoe_pl.batched`). Both give the same parameters up to float
             rounding; methods whose clients are not batchable train sequentially either way.
+        batched_group: the most clients the batched executor stacks in one step (default: every
+            client of an architecture on a GPU, one on a CPU, where stacking does not pay).
     """
 
     rounds: int = 5
@@ -57,6 +59,7 @@ class FederationConfig:
     client_store: Literal["memory", "disk"] = "memory"
     client_store_dir: str | None = None
     executor: Literal["sequential", "batched"] = "sequential"
+    batched_group: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -73,6 +76,8 @@ class FederationConfig:
             raise ValueError(f"federation.client_store must be 'memory' or 'disk', got {self.client_store!r}")
         if self.executor not in ("sequential", "batched"):
             raise ValueError(f"federation.executor must be 'sequential' or 'batched', got {self.executor!r}")
+        if self.batched_group is not None and self.batched_group < 1:
+            raise ValueError(f"federation.batched_group must be a positive number of clients, got {self.batched_group}")
         if self.on_client_error not in ("stop", "drop"):
             raise ValueError(f"federation.on_client_error must be 'stop' or 'drop', got {self.on_client_error!r}")
 
