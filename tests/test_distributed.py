@@ -66,9 +66,11 @@ def test_distributed_process_group_comes_from_the_launcher() -> None:
     assert ProcessGroup.from_env({}) is None
 
 
-@pytest.mark.parametrize("store", ["memory", "disk"])
-def test_distributed_two_gloo_processes_give_the_single_process_run(tmp_path: Path, store: str) -> None:
-    config = tiny_config(tmp_path, rounds=3, participation=0.7, client_store=store)
+@pytest.mark.parametrize(
+    ("store", "executor"), [("memory", "sequential"), ("disk", "sequential"), ("memory", "batched")]
+)
+def test_distributed_two_gloo_processes_give_the_single_process_run(tmp_path: Path, store: str, executor: str) -> None:
+    config = tiny_config(tmp_path, rounds=3, participation=0.7, client_store=store, executor=executor)
     argv = ["--config", str(config)]
     _run(_single(*argv, "--federation.run_dir", str(tmp_path / "single")))
     _run(_torchrun(*argv, "--federation.run_dir", str(tmp_path / "multi")))
