@@ -36,10 +36,13 @@ class Evaluator:
 
     Args:
         device: where to evaluate; the experiment passes the device its Trainers train on.
+        enabled: False scores nothing (the ranks of a multi-process run other than the one that
+            writes the metrics).
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True) -> None:
         self.device = torch.device(device)
+        self.enabled = enabled
 
     @torch.inference_mode()
     def predict(
@@ -69,6 +72,8 @@ class Evaluator:
         num_classes: int,
         confusion: bool = False,
     ) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
         per_client: dict[int, dict[str, Any]] = {}
         sizes: dict[int, int] = {}
         empty: list[int] = []
@@ -105,19 +110,6 @@ class Evaluator:
         if confusion:
             out["confusion"] = matrix.tolist()
         return out
-
-
-class NoEvaluation(Evaluator):
-    """Scores nothing: the ranks of a multi-process run other than the one that writes the metrics."""
-
-    def __call__(
-        self,
-        clients: Iterable[FederatedClient],
-        data: Iterable[ClientDataModule],
-        num_classes: int,
-        confusion: bool = False,
-    ) -> dict[str, Any]:
-        return {}
 
 
 def score(

@@ -16,7 +16,7 @@ from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
-from fedmoe_pl.evaluation import Evaluator, NoEvaluation
+from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.rundir import RunDirectory
@@ -201,7 +201,7 @@ def build_federation(
     else:
         gpu = torch.device(device).type == "cuda"
         executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
-        evaluator = evaluator if group.leader else NoEvaluation()
+        evaluator = Evaluator(device, enabled=group.leader)
     if exp.federation.executor == "batched":
         precision = exp.trainer.get("precision")
         executor = BatchedExecutor(device, executor, precision, max_group=exp.federation.batched_group)
