@@ -53,6 +53,7 @@ def group_key(client: FederatedClient) -> tuple[Any, ...]:
 def epoch_batches(job: FitJob, device: torch.device) -> list[Batch]:
     """Every batch of a job's local fit, augmented and normalized, in the order a Trainer sees them."""
     data = job.data
+    data.keep_on(device)
     data.shuffle_seed = job.seed
     loader = data.train_dataloader()  # seeds the shuffling and the augmentation of this fit
     return [

@@ -104,5 +104,6 @@ class SequentialExecutor:
             limit_val_batches=0,
             plugins=self.plugins,
         )
+        job.data.keep_on(trainer.strategy.root_device)  # on a GPU: the shard stays there, batches are slices
         trainer.fit(job.client, datamodule=job.data)
         return job.client.train_loss

@@ -38,7 +38,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = None if self._gen is None else torch.randperm(n, generator=self._gen)
+        # Drawn on the CPU (the generator's device), moved once per epoch to where the shard lives.
+        order = None if self._gen is None else torch.randperm(n, generator=self._gen).to(self.images.device)
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
@@ -73,6 +74,13 @@ class ClientDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.shuffle_seed = 0
         self._aug_gen = torch.Generator()
+
+    def keep_on(self, device: torch.device | str) -> None:
+        """Keep the shard's uint8 tensors on ``device`` from now on, so no batch is copied there step by step."""
+        device = torch.device(device)
+        if self.train_images.device != device:
+            self.train_images, self.train_labels = self.train_images.to(device), self.train_labels.to(device)
+            self.test_images, self.test_labels = self.test_images.to(device), self.test_labels.to(device)
 
     @property
     def num_train(self) -> int:
