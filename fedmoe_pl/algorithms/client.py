@@ -93,6 +93,7 @@ class FederatedClient(L.LightningModule):
 
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.client_id, self.num_classes, self.config = ctx.client_id, ctx.num_classes, ctx.config
         self._loss_sum = torch.zeros(())
         self._loss_steps = 0
@@ -139,8 +140,15 @@ class FederatedClient(L.LightningModule):
         self._loss_steps = 0
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # Manual optimization: the step a plain loop takes (zero the gradients, backward, SGD step),
+        # without the closure machinery of automatic optimization around it (measured: about 1 ms
+        # a step, a few per cent of a quickstart round on a CPU).
         x, y = batch
+        optimizer = self.optimizers()
         loss = self.training_loss(x, y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
         self._loss_sum += loss.detach()  # summed on device: no host sync per step
         self._loss_steps += 1
         return loss
