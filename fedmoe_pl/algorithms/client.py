@@ -145,6 +145,7 @@ class FederatedClient(L.LightningModule):
         # a step, a few per cent of a quickstart round on a CPU).
         x, y = batch
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list), "a client has one optimizer (configure_optimizers)"
         loss = self.training_loss(x, y)
         optimizer.zero_grad()
         self.manual_backward(loss)
