@@ -53,8 +53,8 @@ class ProcessGroup:
         env = dict(os.environ if env is None else env)
         if "RANK" in env and "WORLD_SIZE" in env:
             group = ProcessGroup(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
-        elif "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
-            tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+        elif int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # set by srun for the tasks of its step
+            tasks = int(env["SLURM_STEP_NUM_TASKS"])
             group = ProcessGroup(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", "0")))
         else:
             return None

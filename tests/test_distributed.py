@@ -62,7 +62,7 @@ def test_distributed_process_group_comes_from_the_launcher() -> None:
     assert ProcessGroup.from_env(srun) == ProcessGroup(1, 2, 1)
     # One task (a grid cell's step), a batch script outside any step, or a plain process: no group.
     assert ProcessGroup.from_env({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None
-    assert ProcessGroup.from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) is None
+    assert ProcessGroup.from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "4294967291"}) is None
     assert ProcessGroup.from_env({}) is None
 
 
