@@ -19,7 +19,6 @@ statistics are). Other clients of the round go to the sequential executor.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
-from fedmoe_pl.executor import Executor, FitJob, FitOutcome, SequentialExecutor
+from fedmoe_pl.executor import Executor, FitJob, FitOutcome, SequentialExecutor, diverged
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -71,8 +70,7 @@ class BatchedExecutor:
         max_group: the most clients stacked in one step. Default: all of a group on a GPU, one on
             a CPU — there a single client's convolutions already keep the cores busy, and vmap's
             batched convolution and pooling are slower than the plain ones (measured in
-            ``benchmarks/round_overhead.py``); the functional step without Lightning's per-step
-            work still makes the round faster than the sequential executor's.
+            ``benchmarks/round_overhead.py``), so each client takes the plain loop's steps.
     """
 
     def __init__(
@@ -94,7 +92,7 @@ class BatchedExecutor:
         groups: dict[tuple[Any, ...], list[int]] = {}
         sequential = []
         for index, job in enumerate(jobs):
-            if getattr(job.client, "batchable", False):
+            if job.client.batchable:
                 groups.setdefault(group_key(job.client), []).append(index)
             else:
                 sequential.append(index)
@@ -120,9 +118,8 @@ class BatchedExecutor:
         outcomes = []
         for k, (job, client) in enumerate(zip(jobs, clients)):
             loss = losses[k]
-            if not math.isfinite(loss):
-                diverged = FloatingPointError(f"the training loss is {loss}; lower client.lr or check the data")
-                outcomes.append(FitOutcome(client.client_id, error=diverged))
+            if (error := diverged(loss)) is not None:
+                outcomes.append(FitOutcome(client.client_id, error=error))
                 continue
             state = {name.removeprefix("client."): t[k].cpu() for name, t in {**params, **buffers}.items()}
             client.load_state_dict(state)

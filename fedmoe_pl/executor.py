@@ -41,6 +41,13 @@ class FitOutcome:
     error: Exception | None = None
 
 
+def diverged(loss: float) -> FloatingPointError | None:
+    """The error of a local fit whose training loss is not finite, or None."""
+    if math.isfinite(loss):
+        return None
+    return FloatingPointError(f"the training loss is {loss}; lower client.lr or check the data")
+
+
 class Executor(Protocol):
     """Trains a round's cohort. An executor may also expose ``round_stats``, a dict the loop adds to
     the round's metrics (the multi-process executor reports the training samples of each rank)."""
@@ -80,8 +87,8 @@ class SequentialExecutor:
             before = copy.deepcopy(job.client.state_dict()) if job.restore_on_error else None
             try:
                 loss = self._fit_one(job)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the training loss is {loss}; lower client.lr or check the data")
+                if (error := diverged(loss)) is not None:
+                    raise error
             except Exception as err:
                 if before is not None:
                     job.client.load_state_dict(before)
