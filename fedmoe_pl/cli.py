@@ -163,6 +163,13 @@ def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
     )
 
 
+def experiment_from_args(argv: list[str]) -> Experiment:
+    """The experiment ``fedmoe-pl fit ARGV`` would run (without ``--resume``), for other runners such
+    as the Flower apps, which take the same arguments."""
+    parser = _experiment_parser("A federation's configuration")
+    return _experiment(parser, parser.parse_args(argv))
+
+
 def _non_defaults(trainer: dict[str, Any]) -> dict[str, Any]:
     """Pass on only the Trainer arguments the user changed, so Lightning's defaults stay Lightning's."""
     defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}

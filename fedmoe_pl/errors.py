@@ -25,6 +25,13 @@ class ClientFailure(RunError):
         )
 
 
+class ClientUnreachable(ConnectionError):
+    """A client in another process or machine that did not answer (it stopped, or its node left).
+
+    The round goes on without it whatever ``federation.on_client_error`` says, as it does without a
+    client that drops out: one lost site must not end a deployed federation."""
+
+
 class Interrupted(BaseException):
     """A stop signal (SIGTERM, SIGINT, SIGUSR1) ended the run before its last round.
 

@@ -74,42 +74,56 @@ class Evaluator:
     ) -> dict[str, Any]:
         if not self.enabled:
             return {}
-        per_client: dict[int, dict[str, Any]] = {}
-        sizes: dict[int, int] = {}
-        empty: list[int] = []
-        matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        scores: dict[int, dict[str, Any] | None] = {}
         for client, shard in zip(clients, data):
-            cid = client.client_id
-            if shard.num_test == 0:
-                empty.append(cid)
-                continue
-            preds, labels, extras = self.predict(client, shard)
-            per_client[cid] = score(preds, labels, extras, num_classes)
-            sizes[cid] = len(labels)
-            if confusion:
-                matrix += multiclass_confusion_matrix(preds, labels, num_classes).cpu()
-        out: dict[str, Any] = {"mean_acc": None, "no_test_clients": empty}
-        if not per_client:
-            return out
-        ids = sorted(per_client)
-        accs = np.array([per_client[cid]["acc"] for cid in ids])
-        counts = np.array([sizes[cid] for cid in ids])
-        out.update(
-            mean_acc=float(accs.mean()),
-            weighted_acc=float((accs * counts).sum() / counts.sum()),
-            std_acc=float(accs.std()),
-            min_acc=float(accs.min()),
-            client_acc={str(cid): per_client[cid]["acc"] for cid in ids},
-        )
-        out["client_class_acc"] = {str(cid): per_client[cid]["class_acc"] for cid in ids}
-        for field, name in (("means", "client_{}"), ("gate", "{}")):
-            for key in sorted({k for cid in ids for k in per_client[cid][field]}):
-                out[name.format(key)] = {str(c): per_client[c][field][key] for c in ids if key in per_client[c][field]}
-        for key in [k for k in out if k.endswith("_spread")]:
-            out[f"{key.removesuffix('_spread')}_collapsed"] = [int(c) for c, v in out[key].items() if v < COLLAPSED_STD]
+            scores[client.client_id] = self.score_client(client, shard, num_classes, confusion)
+        return summarize(scores, num_classes, confusion)
+
+    def score_client(
+        self, client: FederatedClient, shard: ClientDataModule, num_classes: int, confusion: bool = False
+    ) -> dict[str, Any] | None:
+        """One client's scores (:func:`score`) with its test-set size ``n`` and, if asked, its confusion
+        matrix; None for a client without test samples."""
+        if shard.num_test == 0:
+            return None
+        preds, labels, extras = self.predict(client, shard)
+        out = {**score(preds, labels, extras, num_classes), "n": len(labels)}
         if confusion:
-            out["confusion"] = matrix.tolist()
+            out["confusion"] = multiclass_confusion_matrix(preds, labels, num_classes).cpu().tolist()
         return out
+
+
+def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confusion: bool = False) -> dict[str, Any]:
+    """A round's evaluation fields from each client's :meth:`Evaluator.score_client` (None: no test samples).
+
+    Wherever the scores were computed (here, or by clients in other processes), the fields are the same.
+    """
+    per_client = {cid: s for cid, s in scores.items() if s is not None}
+    out: dict[str, Any] = {"mean_acc": None, "no_test_clients": [cid for cid, s in scores.items() if s is None]}
+    if not per_client:
+        return out
+    ids = sorted(per_client)
+    accs = np.array([per_client[cid]["acc"] for cid in ids])
+    counts = np.array([per_client[cid]["n"] for cid in ids])
+    out.update(
+        mean_acc=float(accs.mean()),
+        weighted_acc=float((accs * counts).sum() / counts.sum()),
+        std_acc=float(accs.std()),
+        min_acc=float(accs.min()),
+        client_acc={str(cid): per_client[cid]["acc"] for cid in ids},
+    )
+    out["client_class_acc"] = {str(cid): per_client[cid]["class_acc"] for cid in ids}
+    for field, name in (("means", "client_{}"), ("gate", "{}")):
+        for key in sorted({k for cid in ids for k in per_client[cid][field]}):
+            out[name.format(key)] = {str(c): per_client[c][field][key] for c in ids if key in per_client[c][field]}
+    for key in [k for k in out if k.endswith("_spread")]:
+        out[f"{key.removesuffix('_spread')}_collapsed"] = [int(c) for c, v in out[key].items() if v < COLLAPSED_STD]
+    if confusion:
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for cid in ids:
+            matrix += torch.tensor(per_client[cid]["confusion"], dtype=torch.long)
+        out["confusion"] = matrix.tolist()
+    return out
 
 
 def score(

@@ -100,37 +100,45 @@ def training_device(trainer: dict[str, Any], plugins: Sequence[Any] = ()) -> tor
         ) from err
 
 
-def fit(exp: Experiment, resume: str | None = None) -> dict[str, Any]:
+BuildFederation = Callable[[Experiment, Sequence[Sink], Any, ProcessGroup | None], Federation]
+
+
+def fit(exp: Experiment, resume: str | None = None, build: BuildFederation | None = None) -> dict[str, Any]:
     """Train (or resume) the federation; write the run directory; return the summary.
 
     Everything that can refuse the command is checked before the run directory is touched.
     Launched as several processes (``torchrun``, ``srun -n K``), the ranks share every round's
-    training (:mod:`fedmoe_pl.distributed`) and only rank 0 writes.
+    training (:mod:`fedmoe_pl.distributed`) and only rank 0 writes. ``build`` replaces
+    :func:`build_federation` (the Flower ServerApp's federation trains its clients elsewhere).
     """
     group = ProcessGroup.from_env()
     if group is None:
-        return _fit(exp, resume, None, training_device(exp.trainer))
+        return _fit(exp, resume, None, training_device(exp.trainer), build or build_federation)
+    if build is not None:
+        raise ValueError("a federation of remote clients runs in one process, not under torchrun or srun -n K")
     device = training_device(exp.trainer, [SingleProcessEnvironment()])
     if device.type == "cuda":
         device = torch.device("cuda", group.local_rank)
     group.start(use_cuda=device.type == "cuda")
     try:
-        return _fit(exp, resume, group, device)
+        return _fit(exp, resume, group, device, build_federation)
     finally:
         group.stop()
 
 
-def _fit(exp: Experiment, resume: str | None, group: ProcessGroup | None, device: torch.device) -> dict[str, Any]:
+def _fit(
+    exp: Experiment, resume: str | None, group: ProcessGroup | None, device: torch.device, build: BuildFederation
+) -> dict[str, Any]:
     agree = group.agree if group is not None else _call
     run_dir = RunDirectory(exp.federation.run_dir)
     checkpoint, wanted = agree(lambda: _checks(exp, resume, run_dir))
     if group is not None and not group.leader:
-        return _train(exp, None, checkpoint, wanted, device, group)
+        return _train(exp, None, checkpoint, wanted, device, group, build)
     run_dir.acquire()
     try:
         if resume is None and run_dir.holds_run():  # a run that started meanwhile, before the lock
             raise ValueError(f"run directory {str(run_dir.path)!r} already holds a run started by another process")
-        return _train(exp, run_dir, checkpoint, wanted, device, group)
+        return _train(exp, run_dir, checkpoint, wanted, device, group, build)
     finally:
         run_dir.release()
 
@@ -226,11 +234,12 @@ def _train(
     checkpoint: dict[str, Any] | None,
     wanted: dict[str, Any],
     device: Any,
-    group: ProcessGroup | None = None,
+    group: ProcessGroup | None,
+    build: BuildFederation,
 ) -> dict[str, Any]:
     """Run the federation; ``run_dir`` None: a rank that writes nothing."""
     if run_dir is None:
-        fed = build_federation(exp, (), device, group)
+        fed = build(exp, (), device, group)
         if checkpoint is not None:
             fed.load_state_dict(checkpoint)
         with StopSignals() as signals:
@@ -253,7 +262,7 @@ def _train(
         SummaryFile(run_dir),
         Plots(run_dir),
     ]
-    fed = build_federation(exp, sinks, device, group)
+    fed = build(exp, sinks, device, group)
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
     with StopSignals() as signals:

@@ -14,17 +14,24 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedmoe_pl.aggregation import payload_bytes, payload_numel
-from fedmoe_pl.algorithms import Algorithm, ClientConfig, ClientContext, ClientResult, Instruction
+from fedmoe_pl.algorithms import (
+    Algorithm,
+    ClientConfig,
+    ClientContext,
+    ClientResult,
+    FederatedClient,
+    Instruction,
+)
 from fedmoe_pl.clients import ClientPool, MemoryClients, ReadOnlyClients
 from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.errors import ClientFailure, Interrupted
+from fedmoe_pl.errors import ClientFailure, ClientUnreachable, Interrupted
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, FitJob, SequentialExecutor
 from fedmoe_pl.flops import training_flops_per_sample
@@ -35,7 +42,7 @@ from fedmoe_pl.sinks import Sink
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Federation", "FederationConfig", "clients_per_round", "quiet_lightning", "sample_clients"]
+__all__ = ["Federation", "FederationConfig", "client_builder", "clients_per_round", "quiet_lightning", "sample_clients"]
 
 CHECKPOINT_FORMAT = 2  # bumped when the checkpoint's layout changes
 
@@ -48,6 +55,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     # Slurm's tools on PATH outside a job: a run there is a single process, nothing to launch with srun.
     warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
+
+
+def client_builder(
+    algorithm: Algorithm, client_cfg: ClientConfig, data: FederatedDataModule
+) -> Callable[[int], FederatedClient]:
+    """Builds client ``cid`` freshly initialized from the global random stream: clients ``0 .. N-1``,
+    built in order after the run's seeding and ``data.setup``, get the same weights in every process."""
+    dims = (data.in_channels, data.image_size, data.num_classes)
+    return lambda cid: algorithm.build_client(ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg))
 
 
 class Federation:
@@ -81,12 +97,8 @@ class Federation:
         self.executor = executor or SequentialExecutor()
         self.evaluator = evaluator or Evaluator()
         self.sinks = list(sinks)
-        dims = (data.in_channels, data.image_size, data.num_classes)
         self.clients: ClientPool = MemoryClients() if clients is None else clients
-        self.clients.populate(
-            lambda cid: algorithm.build_client(ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg)),
-            data.num_clients,
-        )
+        self.clients.populate(client_builder(algorithm, client_cfg, data), data.num_clients)
         self.model_names = [model_name(client_cfg.model_for(cid)) for cid in range(data.num_clients)]
         per_round = clients_per_round(cfg.participation, data.num_clients)
         self.schedule = [
@@ -146,7 +158,7 @@ class Federation:
         failed: list[int] = []
         for outcome in self.executor.fit([self._job(cid, round_) for cid in reporting]):
             if outcome.error is not None:
-                if self.cfg.on_client_error == "stop":
+                if self.cfg.on_client_error == "stop" and not isinstance(outcome.error, ClientUnreachable):
                     raise ClientFailure(outcome.client_id, round_, outcome.error) from outcome.error
                 log.warning("round %d: client %d dropped: %s", round_, outcome.client_id, outcome.error)
                 failed.append(outcome.client_id)
@@ -169,11 +181,33 @@ class Federation:
         for r in results:
             self.shared_numel[r.client_id] = payload_numel(r.upload)
         if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
-            ids = range(len(self.clients)) if self.cfg.eval_clients == "all" else sampled
-            clients, shards = self.clients.visit(ids), [self.data.clients[cid] for cid in ids]
-            record.update(self.evaluator(clients, shards, self.data.num_classes, confusion=round_ == self.cfg.rounds))
-        self.clients.release(round_)
+            ids = list(range(len(self.clients))) if self.cfg.eval_clients == "all" else sampled
+            record.update(self._evaluate(ids, confusion=round_ == self.cfg.rounds))
+        self._end_round(round_, record)
         return record
+
+    # -- where the clients are: in this process (a federation whose clients live elsewhere, as
+    # -- the Flower adapter's, overrides these three and brings its own executor) ------------------
+
+    def _deliver(self, instructions: dict[int, Instruction]) -> int:
+        """Apply the server's instructions to their clients; return the bytes of state sent."""
+        sent = 0
+        for client_id, instruction in instructions.items():
+            client = self.clients[client_id]
+            if instruction.payload is not None:
+                client.download(instruction.payload)
+                sent += payload_bytes(instruction.payload)
+            client.configure_round(**instruction.settings)
+        return sent
+
+    def _evaluate(self, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
+        """The evaluation fields of a round's record: clients ``ids`` scored on their test shards."""
+        clients, shards = self.clients.visit(ids), [self.data.clients[cid] for cid in ids]
+        return self.evaluator(clients, shards, self.data.num_classes, confusion=confusion)
+
+    def _end_round(self, round_: int, record: dict[str, Any]) -> None:
+        """The round's record is complete: the clients it changed are saved."""
+        self.clients.release(round_)
 
     # -- helpers of one round -------------------------------------------------------------------
 
@@ -193,17 +227,6 @@ class Federation:
             client, data = self.clients[result.client_id], self.data.clients[result.client_id]
             self._flops_per_sample[name] = training_flops_per_sample(client, data)
         return round(self._flops_per_sample[name] * result.num_samples * self.cfg.local_epochs)
-
-    def _deliver(self, instructions: dict[int, Instruction]) -> int:
-        """Apply the server's instructions to their clients; return the bytes of state sent."""
-        sent = 0
-        for client_id, instruction in instructions.items():
-            client = self.clients[client_id]
-            if instruction.payload is not None:
-                client.download(instruction.payload)
-                sent += payload_bytes(instruction.payload)
-            client.configure_round(**instruction.settings)
-        return sent
 
     def _account(self, round_: int, record: dict[str, Any], seconds: float) -> None:
         self.round = round_

@@ -1,0 +1,131 @@
+"""The ClientApp: one SuperNode holds one federated client, the one its ``partition-id`` names.
+
+Every message starts from the run's configuration (the run config's ``fit-args``, the arguments
+of ``fedmoe-pl fit``): the node loads the data and partitions it as a simulation does, keeps its
+own shard, and builds its client exactly as the simulation's process would (same seeding, same
+order of construction), then loads the client's state from the node's context if it has trained
+before. So a node's client trains on the same batches from the same weights as in ``fedmoe-pl fit``.
+
+Messages (``message_type``):
+    query: which client this node holds.
+    train: apply the pending instructions, train one local fit (the sequential executor, with the
+        round's seed), reply with the upload, the sample count and the training loss.
+    evaluate: apply the pending instructions and, if asked, score the client on its test shard.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmoe_pl.algorithms import FederatedClient
+from fedmoe_pl.data import ClientDataModule
+from fedmoe_pl.evaluation import Evaluator
+from fedmoe_pl.executor import FitJob, SequentialExecutor
+from fedmoe_pl.experiment import Experiment, training_device
+from fedmoe_pl.flower.wire import REPORT, UPLOAD, number, record_bytes, take_instructions, to_record
+
+STATE = "fedmoe.client"  # the client's state in the node's context, between messages
+
+app = ClientApp()
+
+
+def partition_id(context: Context) -> int:
+    value = context.node_config.get("partition-id")
+    if value is None:
+        raise ValueError(
+            "this SuperNode has no partition-id; start it with --node-config 'partition-id=K' "
+            "(K: the client it holds, 0 .. num_clients - 1)"
+        )
+    return int(value)
+
+
+@dataclass
+class Site:
+    """One node's part of the federation: its client and its data shard."""
+
+    exp: Experiment
+    client: FederatedClient
+    shard: ClientDataModule
+
+    @classmethod
+    def open(cls, context: Context) -> Site:
+        import lightning as L
+
+        from fedmoe_pl.cli import experiment_from_args
+        from fedmoe_pl.federation import client_builder, quiet_lightning
+
+        quiet_lightning()
+        exp = experiment_from_args(shlex.split(str(context.run_config["fit-args"])))
+        cid = partition_id(context)
+        if not 0 <= cid < exp.data.num_clients:
+            raise ValueError(f"partition-id {cid} is outside 0 .. {exp.data.num_clients - 1} (data.num_clients)")
+        # As the server's process does before it builds its clients (fedmoe_pl.experiment).
+        L.seed_everything(exp.seed, verbose=False)
+        exp.data.setup(exp.seed)
+        build = client_builder(exp.algorithm, exp.client, exp.data)
+        for earlier in range(cid):  # built and dropped: the random stream advances as in one process
+            build(earlier)
+        client = build(cid)
+        if STATE in context.state.array_records:
+            client.load_state_dict(context.state.array_records[STATE].to_torch_state_dict())
+        return cls(exp, client, exp.data.clients[cid])
+
+    def apply(self, content: RecordDict) -> int:
+        """Apply the message's instructions in order; return the bytes of state they carried."""
+        instructions, received = take_instructions(content)
+        for instruction in instructions:
+            if instruction.payload is not None:
+                self.client.download(instruction.payload)
+            self.client.configure_round(**instruction.settings)
+        return received
+
+    def save(self, context: Context) -> None:
+        state = {key: value.detach().cpu() for key, value in self.client.state_dict().items()}
+        context.state[STATE] = ArrayRecord(state, keep_input=True)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({REPORT: MetricRecord({"partition_id": partition_id(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = Site.open(context)
+    received = site.apply(msg.content)
+    fit = msg.content.config_records["fit"]
+    job = FitJob(site.client, site.shard, seed=int(number(fit, "seed")), epochs=int(number(fit, "epochs")))
+    outcome = next(iter(SequentialExecutor(site.exp.trainer).fit([job])))
+    if outcome.error is not None:
+        raise outcome.error  # Flower replies with the error; the node keeps the client's state from before
+    assert outcome.result is not None
+    site.save(context)
+    upload = to_record(outcome.result.upload)
+    report = MetricRecord(
+        {
+            "num_samples": outcome.result.num_samples,
+            "train_loss": outcome.result.metrics["train_loss"],
+            "bytes_received": received,
+            "bytes_sent": record_bytes(upload),
+        }
+    )
+    return Message(RecordDict({UPLOAD: upload, REPORT: report}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = Site.open(context)
+    received = site.apply(msg.content)
+    site.save(context)
+    asked = msg.content.config_records["evaluate"]
+    content = RecordDict({REPORT: MetricRecord({"bytes_received": received})})
+    if bool(asked["score"]):
+        evaluator = Evaluator(training_device(site.exp.trainer))
+        scores = evaluator.score_client(site.client, site.shard, site.exp.data.num_classes, bool(asked["confusion"]))
+        content["scores"] = ConfigRecord({"json": json.dumps(scores)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,240 @@
+"""The ServerApp: the federation's round loop, with its clients on Flower SuperNodes.
+
+The loop is :class:`~fedmoe_pl.federation.Federation` itself, with the same sampling, the same
+:class:`~fedmoe_pl.algorithms.Algorithm` (``configure``, ``aggregate``), the same sinks and the
+same run directory as ``fedmoe-pl fit`` (no checkpoint: the clients' states live on their nodes,
+so a Flower run is not resumed). What changes is where the clients are:
+
+- an instruction for a client (a payload to download, round settings) waits until the next
+  message to that client, and every one is sent before the round ends;
+- a local fit is a ``train`` message to the client's node, with the round's seed and epochs;
+- evaluation is an ``evaluate`` message: each node scores its client and the server combines the
+  scores as the in-process evaluator does (:func:`fedmoe_pl.evaluation.summarize`).
+
+A node that does not answer within ``timeout`` seconds, or that Flower reports gone, is left out of
+the round (``failed`` in the round's record) and of its evaluation (``unreachable``); the others go
+on. Each record also carries ``wire_bytes_up`` and ``wire_bytes_down``: the bytes of the arrays the
+server received and the clients received, which equal the simulation's ``bytes_up``/``bytes_down``.
+
+The run config (``[tool.flwr.app.config]``, or ``flwr run ... --run-config``) holds ``fit-args``,
+the arguments of ``fedmoe-pl fit``, and ``timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoe_pl.aggregation import payload_bytes
+from fedmoe_pl.algorithms import ClientResult, Instruction
+from fedmoe_pl.clients import MemoryClients
+from fedmoe_pl.errors import ClientUnreachable
+from fedmoe_pl.evaluation import Evaluator, summarize
+from fedmoe_pl.executor import FitJob, FitOutcome
+from fedmoe_pl.experiment import Experiment, fit
+from fedmoe_pl.federation import Federation, quiet_lightning
+from fedmoe_pl.flower.wire import REPORT, UPLOAD, from_record, number, put_instructions, record_bytes
+from fedmoe_pl.sinks import Checkpoint, Sink
+
+log = logging.getLogger(__name__)
+
+GONE = {
+    ErrorCode.NODE_UNAVAILABLE,
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.CLIENT_APP_CRASHED,
+}
+
+app = ServerApp()
+
+
+class Link:
+    """The server's line to the clients: which node holds which client, and what waits for each.
+
+    Args:
+        grid: Flower's grid of the run.
+        num_clients: clients of the federation; one node each must connect.
+        timeout: seconds to wait for the replies of one exchange (and for the nodes at the start).
+    """
+
+    def __init__(self, grid: Grid, num_clients: int, timeout: float) -> None:
+        self.grid, self.num_clients, self.timeout = grid, num_clients, timeout
+        self.node_of: dict[int, int] = {}
+        self.pending: dict[int, list[Instruction]] = defaultdict(list)
+        self.wire = {"wire_bytes_up": 0, "wire_bytes_down": 0}  # of the round in progress
+
+    def connect(self) -> None:
+        """Wait for one node per client and learn which client each holds."""
+        deadline = time.monotonic() + self.timeout
+        while len(nodes := list(self.grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(nodes)} SuperNodes connected within {self.timeout:.0f} s, but the federation has "
+                    f"{self.num_clients} clients; start one SuperNode per client (--node-config 'partition-id=K')"
+                )
+            time.sleep(0.5)
+        holders: dict[int, list[int]] = defaultdict(list)
+        for node, reply in zip(nodes, self._send("query", 0, {node: RecordDict() for node in nodes})):
+            if isinstance(reply, Message):
+                holders[int(number(reply.content.metric_records[REPORT], "partition_id"))].append(node)
+        doubled = {cid: found for cid, found in holders.items() if len(found) > 1}
+        missing = sorted(set(range(self.num_clients)) - set(holders))
+        if doubled or missing:
+            raise RuntimeError(f"each client needs exactly one SuperNode: none for {missing}, several for {doubled}")
+        self.node_of = {cid: found[0] for cid, found in holders.items()}
+
+    def exchange(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> dict[int, Message | Exception]:
+        """Send each client its content (with its pending instructions); the reply or error of each."""
+        for cid, content in contents.items():
+            put_instructions(content, self.pending.pop(cid, []))
+        replies = self._send(kind, round_, {self.node_of[cid]: content for cid, content in contents.items()})
+        out: dict[int, Message | Exception] = {}
+        for cid, reply in zip(contents, replies):
+            out[cid] = reply
+            if isinstance(reply, Message):
+                self.wire["wire_bytes_down"] += int(number(reply.content.metric_records[REPORT], "bytes_received"))
+        return out
+
+    def _send(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> list[Message | Exception]:
+        messages = [
+            Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=self.timeout)
+            for node, content in contents.items()
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        by_node = {reply.metadata.src_node_id: reply for reply in replies}
+        out: list[Message | Exception] = []
+        for node in contents:
+            reply = by_node.get(node)
+            if reply is None:
+                out.append(ClientUnreachable(f"node {node} sent no reply within {self.timeout:.0f} s"))
+            elif reply.has_error():
+                error = reply.error
+                cause = ClientUnreachable if error.code in GONE else RuntimeError
+                out.append(cause(f"node {node}: {error.reason} (Flower error code {error.code})"))
+            else:
+                out.append(reply)
+        return out
+
+
+class FlowerExecutor:
+    """Trains a round's cohort on the clients' nodes: one ``train`` message each, all at once."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.round = 0
+
+    def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
+        contents = {
+            job.client.client_id: RecordDict(
+                {"fit": ConfigRecord({"round": self.round, "seed": job.seed, "epochs": job.epochs})}
+            )
+            for job in jobs
+        }
+        for cid, reply in self.link.exchange("train", self.round, contents).items():
+            if isinstance(reply, Exception):
+                yield FitOutcome(cid, error=reply)
+                continue
+            upload = reply.content.array_records[UPLOAD]
+            report = reply.content.metric_records[REPORT]
+            self.link.wire["wire_bytes_up"] += record_bytes(upload)
+            samples, metrics = int(number(report, "num_samples")), {"train_loss": number(report, "train_loss")}
+            yield FitOutcome(cid, result=ClientResult(cid, from_record(upload), samples, metrics))
+
+
+class FlowerFederation(Federation):
+    """A :class:`Federation` whose clients live on Flower SuperNodes (see the module docstring).
+
+    The server still builds every client once, from the config: for the method's initial global
+    state (:meth:`Algorithm.start`), the FLOPs count and the parameter counts of the summary.
+    """
+
+    def __init__(self, link: Link, exp: Experiment, sinks: Sequence[Sink]) -> None:
+        self.link = link
+        self.flower = FlowerExecutor(link)
+        super().__init__(
+            exp.federation,
+            exp.data,
+            exp.client,
+            exp.algorithm,
+            exp.seed,
+            executor=self.flower,
+            evaluator=Evaluator(),
+            sinks=sinks,
+            clients=MemoryClients(),
+        )
+
+    def _round(self, round_: int) -> dict[str, Any]:
+        self.flower.round = round_
+        self.link.wire = dict.fromkeys(self.link.wire, 0)
+        return super()._round(round_)
+
+    def _deliver(self, instructions: dict[int, Instruction]) -> int:
+        """Queue each instruction for the client's next message; the bytes the simulation counts."""
+        for cid, instruction in instructions.items():
+            self.link.pending[cid].append(instruction)
+        return sum(payload_bytes(i.payload) for i in instructions.values() if i.payload is not None)
+
+    def _evaluate(self, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
+        asked = set(ids)
+        targets = sorted(asked | set(self.link.pending))
+        contents = {
+            cid: RecordDict({"evaluate": ConfigRecord({"score": cid in asked, "confusion": confusion})})
+            for cid in targets
+        }
+        scores: dict[int, dict[str, Any] | None] = {}
+        unreachable = []
+        for cid, reply in self.link.exchange("evaluate", self.flower.round, contents).items():
+            if isinstance(reply, Exception):
+                log.warning("client %d was not evaluated: %s", cid, reply)
+                unreachable.append(cid)
+            elif cid in asked:
+                scores[cid] = json.loads(str(reply.content.config_records["scores"]["json"]))
+        return {**summarize(scores, self.data.num_classes, confusion), "unreachable": unreachable}
+
+    def _end_round(self, round_: int, record: dict[str, Any]) -> None:
+        if self.link.pending:  # instructions of a round without evaluation still reach their clients now
+            for cid, reply in self.link.exchange("evaluate", round_, self._apply_only()).items():
+                if isinstance(reply, Exception):
+                    log.warning("client %d did not receive the round's instructions: %s", cid, reply)
+        record.update(self.link.wire)
+        super()._end_round(round_, record)
+
+    def _apply_only(self) -> dict[int, RecordDict]:
+        return {
+            cid: RecordDict({"evaluate": ConfigRecord({"score": False, "confusion": False})})
+            for cid in sorted(self.link.pending)
+        }
+
+
+def run(exp: Experiment, grid: Grid, timeout: float) -> dict[str, Any]:
+    """``fedmoe-pl fit`` with the clients on the grid's nodes: the same run directory, metrics and W&B."""
+
+    def build(exp: Experiment, sinks: Sequence[Sink], device: Any, group: Any) -> Federation:
+        link = Link(grid, exp.data.num_clients, timeout)
+        link.connect()
+        return FlowerFederation(link, exp, [sink for sink in sinks if not isinstance(sink, Checkpoint)])
+
+    return fit(exp, build=build)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from fedmoe_pl.cli import experiment_from_args
+
+    quiet_lightning()
+    exp = experiment_from_args(shlex.split(str(context.run_config["fit-args"])))
+    summary = run(exp, grid, float(context.run_config.get("timeout", 600.0)))
+    log.warning(
+        "fedmoe-pl on Flower: final mean client test accuracy %s; results: %s",
+        summary["final_mean_acc"],
+        exp.federation.run_dir,
+    )
