@@ -54,6 +54,8 @@ GONE = {
     ErrorCode.CLIENT_APP_CRASHED,
 }
 
+POLL_S = 0.5  # seconds between two looks for replies
+
 app = ServerApp()
 
 
@@ -105,15 +107,24 @@ class Link:
         return out
 
     def _send(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> list[Message | Exception]:
+        """Push one message per node and pull the replies, each matched to its message (an error the
+        SuperLink writes for a node that left comes from the SuperLink, not from the node)."""
         messages = [
             Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=self.timeout)
             for node, content in contents.items()
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        by_node = {reply.metadata.src_node_id: reply for reply in replies}
+        sent = dict(zip(self.grid.push_messages(messages), contents))  # message id -> node
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + self.timeout
+        while len(replies) < len(sent) and time.monotonic() < deadline:
+            waiting = [mid for mid, node in sent.items() if node not in replies]
+            for pulled in self.grid.pull_messages(waiting):
+                replies[sent[pulled.metadata.reply_to_message_id]] = pulled
+            if len(replies) < len(sent):
+                time.sleep(POLL_S)
         out: list[Message | Exception] = []
         for node in contents:
-            reply = by_node.get(node)
+            reply = replies.get(node)
             if reply is None:
                 out.append(ClientUnreachable(f"node {node} sent no reply within {self.timeout:.0f} s"))
             elif reply.has_error():

@@ -1,0 +1,239 @@
+"""A Flower deployment on this machine: a SuperLink and one SuperNode per client, as separate processes.
+
+    python -m fedmoe_pl.flower.local --config configs/quickstart.yaml --federation.rounds 3
+
+starts them (listening on 127.0.0.1 only, on free ports), submits the run with ``flwr run`` (the
+arguments are those of ``fedmoe-pl fit``; the number of SuperNodes is the config's
+``data.num_clients``), streams its log, and stops every process it started, with their children,
+however the run ends. Spread over hosts, the same processes are started by hand (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+APP_DIR = Path(__file__).resolve().parents[2] / "experiments" / "flower"  # the Flower app (its pyproject.toml)
+HOST = "127.0.0.1"
+MARK = "FEDMOE_FLOWER_DEPLOYMENT"  # in the environment of every process of one deployment, children included
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited with {process.returncode}; its log is {log}")
+        with socket.socket() as s:
+            if s.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listened on {HOST}:{port} within {timeout:.0f} s; see {log}")
+
+
+class LocalDeployment:
+    """A SuperLink and ``num_clients`` SuperNodes (``partition-id`` 0 .. N-1) on 127.0.0.1.
+
+    Use it as a context manager: leaving it stops every process it started and their children.
+
+    Args:
+        num_clients: SuperNodes to start, one per client of the federation.
+        workdir: Flower's home (``FLWR_HOME``, with the SuperLink connection) and the processes' logs.
+        env: the processes' environment (default: this process's).
+    """
+
+    def __init__(self, num_clients: int, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.num_clients, self.workdir = num_clients, Path(workdir)
+        self.mark = uuid.uuid4().hex
+        bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers (flower-superexec, ...) from PATH
+        base = dict(os.environ if env is None else env)
+        self.env = {**base, "FLWR_HOME": str(self.workdir / "flwr-home"), MARK: self.mark}
+        self.env["PATH"] = os.pathsep.join([bin_dir, base.get("PATH", "")])
+        self.port = 0
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self.supernodes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as out:
+            return subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> None:
+        home = self.workdir / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{HOST}:{self.port}"\ninsecure = true\n'
+        )
+        self.superlink = self._spawn(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",  # the apps run in this environment, as installed
+        )
+        wait_for_port(self.port, self.superlink, self.workdir / "superlink.log")
+        ports = []
+        for cid in range(self.num_clients):
+            ports.append(free_port())
+            self.supernodes.append(
+                self._spawn(
+                    f"supernode-{cid}",
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"{HOST}:{self.port}",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(ports[-1]),
+                    "--node-config",
+                    f"partition-id={cid} num-partitions={self.num_clients}",
+                )
+            )
+        for cid, (port, node) in enumerate(zip(ports, self.supernodes)):
+            wait_for_port(port, node, self.workdir / f"supernode-{cid}.log")
+
+    def run(self, fit_args: list[str], timeout: float = 600.0, app_dir: Path = APP_DIR) -> subprocess.Popen[bytes]:
+        """Submit a run (``fedmoe-pl fit`` arguments) and stream its log; returns the ``flwr run`` process."""
+        config = f'fit-args="{_toml_escape(shlex.join(fit_args))}" timeout={float(timeout)}'
+        argv = ["flwr", "run", str(app_dir), "local", "--stream", "--run-config", config]
+        return subprocess.Popen(argv, env=self.env, start_new_session=True)
+
+    def kill_node(self, cid: int) -> None:
+        """SIGKILL client ``cid``'s SuperNode and its ClientApp process: a site that vanishes."""
+        node = self.supernodes[cid]
+        for pid in [*_descendants(node.pid), node.pid]:
+            _signal(pid, signal.SIGKILL)
+        node.wait()
+
+    def processes(self) -> list[int]:
+        """The pids of every live process of this deployment, children included."""
+        return _marked(self.mark) or [
+            pid for p in self._started() for pid in [p.pid, *_descendants(p.pid)] if _alive(pid)
+        ]
+
+    def _started(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in [self.superlink, *self.supernodes] if p is not None]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process of the deployment: SIGTERM, then SIGKILL what is left after ``grace`` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            pids = self.processes()
+            for pid in pids:
+                _signal(pid, sig)
+            deadline = time.monotonic() + wait
+            while self.processes() and time.monotonic() < deadline:
+                for p in self._started():
+                    p.poll()  # reap what this process started
+                time.sleep(0.2)
+        for p in self._started():
+            p.poll()
+
+
+def _toml_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state != "Z"  # a zombie has exited; its parent has not read its status yet
+
+
+def _marked(mark: str) -> list[int]:
+    """Live processes whose environment carries this deployment's mark (Linux; elsewhere none)."""
+    found = []
+    needle = f"{MARK}={mark}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=False).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        child, parent = (int(x) for x in line.split())
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run a federation as a Flower deployment on this machine (SuperLink + one SuperNode per client)",
+        epilog="Every other argument is one of fedmoe-pl fit's (--config ..., --federation.rounds ...).",
+    )
+    parser.add_argument("--workdir", default=None, help="Flower's home and the logs (default: <run_dir>.flower)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one round's replies")
+    args, fit_args = parser.parse_known_args(argv)
+    from fedmoe_pl.cli import experiment_from_args
+
+    exp = experiment_from_args(list(fit_args))
+    run_dir = Path(exp.federation.run_dir)
+    workdir = Path(args.workdir or run_dir.with_name(run_dir.name + ".flower"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"Flower processes' logs and home: {workdir}", file=sys.stderr)
+    with LocalDeployment(exp.data.num_clients, workdir) as deployment:
+        submitted = deployment.run(list(fit_args), args.timeout)
+        try:
+            return submitted.wait()
+        finally:
+            if submitted.poll() is None:
+                submitted.terminate()
+                submitted.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
