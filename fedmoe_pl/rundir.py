@@ -73,8 +73,9 @@ class RunDirectory:
         return self.path / CHECKPOINT
 
     def holds_run(self) -> bool:
-        """Whether a run has saved state here (its round-0 checkpoint is written before any metrics)."""
-        return self.checkpoint_path.exists()
+        """Whether a run has saved state here (its round-0 checkpoint is written before any metrics) or, as
+        a Flower run, which keeps no checkpoint, its metrics."""
+        return self.checkpoint_path.exists() or (self.path / "metrics.jsonl").exists()
 
     def acquire(self) -> None:
         """Create the directory and take it for this process; refuse if another process has it."""

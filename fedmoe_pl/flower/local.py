@@ -219,9 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one round's replies")
     args, fit_args = parser.parse_known_args(argv)
     from fedmoe_pl.cli import experiment_from_args
+    from fedmoe_pl.flower import require_flower
+    from fedmoe_pl.rundir import RunDirectory
 
-    exp = experiment_from_args(list(fit_args))
+    require_flower()
+    try:
+        exp = experiment_from_args(list(fit_args))
+    except (argparse.ArgumentError, ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     run_dir = Path(exp.federation.run_dir)
+    if RunDirectory(run_dir).holds_run():  # refused before any process starts
+        print(
+            f"error: run directory {str(run_dir)!r} already holds a run; choose another --federation.run_dir "
+            "(a Flower run is not resumed: its clients' states live on their nodes)",
+            file=sys.stderr,
+        )
+        return 2
     workdir = Path(args.workdir or run_dir.with_name(run_dir.name + ".flower"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"Flower processes' logs and home: {workdir}", file=sys.stderr)

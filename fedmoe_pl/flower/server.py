@@ -85,13 +85,19 @@ class Link:
                 )
             time.sleep(0.5)
         holders: dict[int, list[int]] = defaultdict(list)
+        errors = []
         for node, reply in zip(nodes, self._send("query", 0, {node: RecordDict() for node in nodes})):
             if isinstance(reply, Message):
                 holders[int(number(reply.content.metric_records[REPORT], "partition_id"))].append(node)
+            else:
+                errors.append(str(reply))
         doubled = {cid: found for cid, found in holders.items() if len(found) > 1}
         missing = sorted(set(range(self.num_clients)) - set(holders))
         if doubled or missing:
-            raise RuntimeError(f"each client needs exactly one SuperNode: none for {missing}, several for {doubled}")
+            raise RuntimeError(
+                f"each client needs exactly one SuperNode (--node-config 'partition-id=K'): none for clients "
+                f"{missing}, several for {doubled}" + "".join(f"\n  {error}" for error in errors)
+            )
         self.node_of = {cid: found[0] for cid, found in holders.items()}
 
     def exchange(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> dict[int, Message | Exception]:

@@ -1,0 +1,151 @@
+"""The Flower adapter: the same federation over Flower's deployment processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+
+pytest.importorskip("flwr", reason="the flower extra is not installed (Flower needs Python 3.11+)")
+
+from fedmoe_pl.aggregation import payload_bytes
+from fedmoe_pl.algorithms import Instruction
+from fedmoe_pl.flower.local import LocalDeployment
+from fedmoe_pl.flower.wire import put_instructions, take_instructions
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::1
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _listening(pids: list[int]) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+def _await(deployment: LocalDeployment, run: subprocess.Popen[bytes], timeout: float) -> list[str]:
+    """Wait for the run; meanwhile collect every address a deployment process listens on."""
+    addresses: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while run.poll() is None and time.monotonic() < deadline:
+        addresses.update(_listening(deployment.processes()))
+        time.sleep(1)
+    if run.poll() is None:
+        run.kill()
+        pytest.fail(f"the Flower run did not finish within {timeout:.0f} s")
+    return sorted(addresses)
+
+
+def test_flower_wire_carries_instructions_in_order_and_counts_their_bytes() -> None:
+    from flwr.app import RecordDict
+
+    first = {"w": torch.randn(3, 4), "steps": torch.tensor(7)}
+    instructions = [Instruction(first), Instruction(None, {"svd_energy": 0.9}), Instruction({"b": torch.ones(5)})]
+    content = RecordDict()
+    put_instructions(content, instructions)
+    received, sent = take_instructions(content)
+    assert sent == payload_bytes(first) + payload_bytes({"b": torch.ones(5)})
+    assert [i.settings for i in received] == [{}, {"svd_energy": 0.9}, {}]
+    assert received[1].payload is None
+    assert received[0].payload is not None and received[2].payload is not None
+    assert all(torch.equal(received[0].payload[k], first[k]) for k in first)
+    assert received[0].payload["steps"].dtype == torch.int64
+
+
+@pytest.mark.slow
+def test_flower_deployment_gives_the_fit_run_and_stops_every_process(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, rounds=2)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmoe_pl.cli",
+            "fit",
+            "--config",
+            str(config),
+            "--federation.run_dir",
+            str(tmp_path / "fit"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    with LocalDeployment(3, tmp_path / "flower-home", env=_env()) as deployment:
+        run = deployment.run(["--config", str(config), "--federation.run_dir", str(tmp_path / "flower")], timeout=300)
+        addresses = _await(deployment, run, timeout=600)
+        assert run.returncode == 0
+        started = deployment.processes()
+    assert addresses and set(addresses) <= LOOPBACK, f"listening beyond the loopback: {addresses}"
+    assert started, "the deployment's processes were not found"
+    assert not deployment.processes(), "processes of the deployment outlived it"
+
+    fit, flower = _metrics(tmp_path / "fit"), _metrics(tmp_path / "flower")
+    assert [m["round"] for m in flower] == [1, 2]
+    for a, b in zip(fit, flower):
+        assert b["client_acc"] == pytest.approx(a["client_acc"], abs=1e-6)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+        assert b["mean_acc"] == pytest.approx(a["mean_acc"], abs=1e-6)
+        assert b["failed"] == a["failed"] == [] and b["unreachable"] == []
+        # What the method counts, and what crossed the wire: the arrays the clients and the server received.
+        assert (b["bytes_up"], b["bytes_down"]) == (a["bytes_up"], a["bytes_down"])
+        assert (b["wire_bytes_up"], b["wire_bytes_down"]) == (a["bytes_up"], a["bytes_down"])
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert (tmp_path / "flower" / "config.yaml").exists() and (tmp_path / "flower" / "partition.json").exists()
+
+
+@pytest.mark.slow
+def test_flower_client_killed_mid_round_leaves_the_others_to_finish(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, rounds=2)
+    with LocalDeployment(3, tmp_path / "flower-home", env=_env()) as deployment:
+        run = deployment.run(["--config", str(config), "--federation.run_dir", str(tmp_path / "flower")], timeout=300)
+        log = tmp_path / "flower-home" / "supernode-2.log"
+        deadline = time.monotonic() + 300
+        while "Receiving: train message" not in log.read_text():  # client 2 is training round 1
+            assert run.poll() is None and time.monotonic() < deadline, "client 2 never received its round-1 fit"
+            time.sleep(0.2)
+        deployment.kill_node(2)
+        _await(deployment, run, timeout=600)
+        assert run.returncode == 0
+    assert not deployment.processes()
+
+    records = _metrics(tmp_path / "flower")
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert record["failed"] == [2] and record["unreachable"] == [2] and record["reported"] == 2
+        assert sorted(record["client_acc"]) == ["0", "1"]
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_failed"] == 2
