@@ -149,3 +149,69 @@ def test_flower_client_killed_mid_round_leaves_the_others_to_finish(tmp_path: Pa
         assert sorted(record["client_acc"]) == ["0", "1"]
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_failed"] == 2
+
+
+class _Grid:
+    """A grid of in-process nodes: each answers with the instructions it received, unless it is silent."""
+
+    def __init__(self, nodes: dict[int, int]) -> None:
+        self.nodes = nodes  # node id -> partition id
+        self.silent: set[int] = set()
+        self.received: dict[int, list[list]] = {node: [] for node in nodes}
+        self.replies: dict[str, object] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: list) -> list[str]:
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        ids = []
+        for i, msg in enumerate(messages):
+            mid = f"{msg.metadata.dst_node_id}-{len(self.replies)}-{i}"
+            msg.metadata.__dict__["_message_id"] = mid  # the SuperLink names a pushed message
+            node = msg.metadata.dst_node_id
+            report = {"partition_id": self.nodes[node]}
+            if "instructions" in msg.content.config_records:
+                instructions, received = take_instructions(msg.content)
+                self.received[node].append([(i.payload, i.settings) for i in instructions])
+                report = {"bytes_received": received}
+            if node not in self.silent:
+                self.replies[mid] = Message(RecordDict({"report": MetricRecord(report)}), reply_to=msg)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list:
+        return [self.replies.pop(mid) for mid in ids if mid in self.replies]
+
+
+def test_flower_link_keeps_the_instructions_of_a_silent_client_for_its_next_message() -> None:
+    from flwr.app import RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmoe_pl.errors import ClientUnreachable
+    from fedmoe_pl.flower.server import Link
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
+    try:
+        grid = _Grid({11: 0, 12: 1})
+        link = Link(grid, num_clients=2, timeout=0.5)  # type: ignore[arg-type]
+        link.connect()
+        assert link.node_of == {0: 11, 1: 12}
+        a, b = {"w": torch.ones(2)}, {"w": torch.full((3,), 2.0)}
+        link.pending[0].append(Instruction(a))
+        link.pending[1].append(Instruction(a, {"energy": 0.5}))
+        grid.silent.add(12)
+        out = link.exchange("train", 1, {0: RecordDict(), 1: RecordDict()})
+        assert not isinstance(out[0], Exception) and isinstance(out[1], ClientUnreachable)
+        assert link.silent == {1} and [i.settings for i in link.pending[1]] == [{"energy": 0.5}]
+        assert link.wire["wire_bytes_down"] == payload_bytes(a)  # what arrived: client 0's payload only
+        grid.silent.clear()
+        link.pending[1].append(Instruction(b))
+        link.exchange("evaluate", 2, {1: RecordDict()})
+        (payload_a, settings_a), (payload_b, _) = grid.received[12][-1]
+        assert settings_a == {"energy": 0.5} and torch.equal(payload_a["w"], a["w"])
+        assert torch.equal(payload_b["w"], b["w"]) and not link.pending.get(1)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before

@@ -73,6 +73,7 @@ class Link:
         self.node_of: dict[int, int] = {}
         self.pending: dict[int, list[Instruction]] = defaultdict(list)
         self.wire = {"wire_bytes_up": 0, "wire_bytes_down": 0}  # of the round in progress
+        self.silent: set[int] = set()  # clients that did not answer in the round in progress
 
     def connect(self) -> None:
         """Wait for one node per client and learn which client each holds."""
@@ -101,15 +102,23 @@ class Link:
         self.node_of = {cid: found[0] for cid, found in holders.items()}
 
     def exchange(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> dict[int, Message | Exception]:
-        """Send each client its content (with its pending instructions); the reply or error of each."""
+        """Send each client its content (with its pending instructions); the reply or error of each.
+
+        A client that does not answer keeps its instructions pending, for its next message: one that
+        was only slow then catches up, in order, before it trains again.
+        """
+        sent = {cid: self.pending.pop(cid, []) for cid in contents}
         for cid, content in contents.items():
-            put_instructions(content, self.pending.pop(cid, []))
+            put_instructions(content, sent[cid])
         replies = self._send(kind, round_, {self.node_of[cid]: content for cid, content in contents.items()})
         out: dict[int, Message | Exception] = {}
         for cid, reply in zip(contents, replies):
             out[cid] = reply
             if isinstance(reply, Message):
                 self.wire["wire_bytes_down"] += int(number(reply.content.metric_records[REPORT], "bytes_received"))
+            else:
+                self.pending[cid][:0] = sent[cid]
+                self.silent.add(cid)
         return out
 
     def _send(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> list[Message | Exception]:
@@ -192,6 +201,7 @@ class FlowerFederation(Federation):
     def _round(self, round_: int) -> dict[str, Any]:
         self.flower.round = round_
         self.link.wire = dict.fromkeys(self.link.wire, 0)
+        self.link.silent.clear()
         return super()._round(round_)
 
     def _deliver(self, instructions: dict[int, Instruction]) -> int:
@@ -202,7 +212,7 @@ class FlowerFederation(Federation):
 
     def _evaluate(self, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
         asked = set(ids)
-        targets = sorted(asked | set(self.link.pending))
+        targets = sorted(asked | (set(self.link.pending) - self.link.silent))
         contents = {
             cid: RecordDict({"evaluate": ConfigRecord({"score": cid in asked, "confusion": confusion})})
             for cid in targets
@@ -218,18 +228,18 @@ class FlowerFederation(Federation):
         return {**summarize(scores, self.data.num_classes, confusion), "unreachable": unreachable}
 
     def _end_round(self, round_: int, record: dict[str, Any]) -> None:
-        if self.link.pending:  # instructions of a round without evaluation still reach their clients now
-            for cid, reply in self.link.exchange("evaluate", round_, self._apply_only()).items():
+        # Instructions of a round without evaluation still reach their clients now (not those of a
+        # client that did not answer this round: they wait for its next message).
+        waiting = sorted(cid for cid in self.link.pending if cid not in self.link.silent)
+        if waiting:
+            apply_only = {
+                cid: RecordDict({"evaluate": ConfigRecord({"score": False, "confusion": False})}) for cid in waiting
+            }
+            for cid, reply in self.link.exchange("evaluate", round_, apply_only).items():
                 if isinstance(reply, Exception):
                     log.warning("client %d did not receive the round's instructions: %s", cid, reply)
         record.update(self.link.wire)
         super()._end_round(round_, record)
-
-    def _apply_only(self) -> dict[int, RecordDict]:
-        return {
-            cid: RecordDict({"evaluate": ConfigRecord({"score": False, "confusion": False})})
-            for cid in sorted(self.link.pending)
-        }
 
 
 def run(exp: Experiment, grid: Grid, timeout: float) -> dict[str, Any]:
