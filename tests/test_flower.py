@@ -215,3 +215,32 @@ def test_flower_link_keeps_the_instructions_of_a_silent_client_for_its_next_mess
         assert torch.equal(payload_b["w"], b["w"]) and not link.pending.get(1)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def test_flower_local_refuses_bad_arguments_and_a_used_run_directory_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmoe_pl.flower.local import main
+
+    config = tiny_config(tmp_path)
+    assert main(["--config", str(config), "--federation.roundz", "3"]) == 2
+    assert "--federation.roundz" in capsys.readouterr().err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert main(["--config", str(config), "--federation.run_dir", str(used)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (used / "metrics.jsonl").read_text() == '{"round": 1}\n' and not (tmp_path / "used.flower").exists()
+
+
+@pytest.mark.slow
+def test_flower_local_exits_nonzero_when_the_server_fails(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    argv = ["--config", str(config), "--federation.run_dir", str(blocked / "run"), "--workdir", str(tmp_path / "fl")]
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmoe_pl.flower.local", *argv], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "the run did not complete" in done.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -237,16 +238,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     workdir = Path(args.workdir or run_dir.with_name(run_dir.name + ".flower"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create {str(workdir)!r} for Flower's files ({err}); pass --workdir", file=sys.stderr)
+        return 2
     print(f"Flower processes' logs and home: {workdir}", file=sys.stderr)
     with LocalDeployment(exp.data.num_clients, workdir) as deployment:
         submitted = deployment.run(list(fit_args), args.timeout)
         try:
-            return submitted.wait()
+            code = submitted.wait()
         finally:
             if submitted.poll() is None:
                 submitted.terminate()
                 submitted.wait()
+    # `flwr run` exits 0 whatever became of the run: the run directory's summary says.
+    summary = run_dir / "summary.json"
+    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    if code == 0 and status != "completed":
+        print(f"error: the run did not complete (status {status}); see the log above and {workdir}", file=sys.stderr)
+        return 1
+    return code
 
 
 if __name__ == "__main__":
