@@ -19,7 +19,7 @@ import json
 import shlex
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe_pl.algorithms import FederatedClient
@@ -27,7 +27,7 @@ from fedmoe_pl.data import ClientDataModule
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import FitJob, SequentialExecutor
 from fedmoe_pl.experiment import Experiment, training_device
-from fedmoe_pl.flower.wire import REPORT, UPLOAD, number, record_bytes, take_instructions, to_record
+from fedmoe_pl.flower.wire import REPORT, UPLOAD, number, take_instructions, to_record
 
 STATE = "fedmoe.client"  # the client's state in the node's context, between messages
 
@@ -85,8 +85,7 @@ class Site:
         return received
 
     def save(self, context: Context) -> None:
-        state = {key: value.detach().cpu() for key, value in self.client.state_dict().items()}
-        context.state[STATE] = ArrayRecord(state, keep_input=True)
+        context.state[STATE] = to_record(self.client.state_dict())
 
 
 @app.query()
@@ -105,16 +104,14 @@ def train(msg: Message, context: Context) -> Message:
         raise outcome.error  # Flower replies with the error; the node keeps the client's state from before
     assert outcome.result is not None
     site.save(context)
-    upload = to_record(outcome.result.upload)
     report = MetricRecord(
         {
             "num_samples": outcome.result.num_samples,
             "train_loss": outcome.result.metrics["train_loss"],
             "bytes_received": received,
-            "bytes_sent": record_bytes(upload),
         }
     )
-    return Message(RecordDict({UPLOAD: upload, REPORT: report}), reply_to=msg)
+    return Message(RecordDict({UPLOAD: to_record(outcome.result.upload), REPORT: report}), reply_to=msg)
 
 
 @app.evaluate()

@@ -135,15 +135,16 @@ class LocalDeployment:
     def kill_node(self, cid: int) -> None:
         """SIGKILL client ``cid``'s SuperNode and its ClientApp process: a site that vanishes."""
         node = self.supernodes[cid]
-        for pid in [*_descendants(node.pid), node.pid]:
+        for pid in _with_descendants([node.pid]):
             _signal(pid, signal.SIGKILL)
         node.wait()
 
     def processes(self) -> list[int]:
-        """The pids of every live process of this deployment, children included."""
-        return _marked(self.mark) or [
-            pid for p in self._started() for pid in [p.pid, *_descendants(p.pid)] if _alive(pid)
-        ]
+        """The pids of every live process of this deployment, children included: on Linux, by the mark in
+        their environment (which also finds the helpers Flower detaches); elsewhere, by the process tree."""
+        if Path("/proc/self/environ").exists():
+            return _marked(self.mark)
+        return [pid for pid in _with_descendants([p.pid for p in self._started()]) if _alive(pid)]
 
     def _started(self) -> list[subprocess.Popen[bytes]]:
         return [p for p in [self.superlink, *self.supernodes] if p is not None]
@@ -185,7 +186,7 @@ def _alive(pid: int) -> bool:
 
 
 def _marked(mark: str) -> list[int]:
-    """Live processes whose environment carries this deployment's mark (Linux; elsewhere none)."""
+    """Live processes whose environment carries this deployment's mark (Linux)."""
     found = []
     needle = f"{MARK}={mark}".encode()
     for entry in Path("/proc").glob("[0-9]*"):
@@ -197,13 +198,14 @@ def _marked(mark: str) -> list[int]:
     return found
 
 
-def _descendants(pid: int) -> list[int]:
+def _with_descendants(pids: list[int]) -> list[int]:
+    """These processes and all their descendants, from one look at the process table."""
     table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=False).stdout
     children: dict[int, list[int]] = {}
     for line in table.splitlines():
         child, parent = (int(x) for x in line.split())
         children.setdefault(parent, []).append(child)
-    out, todo = [], [pid]
+    out, todo = list(pids), list(pids)
     while todo:
         for child in children.get(todo.pop(), []):
             out.append(child)

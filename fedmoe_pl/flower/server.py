@@ -38,11 +38,11 @@ from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientResult, Instruction
 from fedmoe_pl.clients import MemoryClients
 from fedmoe_pl.errors import ClientUnreachable
-from fedmoe_pl.evaluation import Evaluator, summarize
+from fedmoe_pl.evaluation import summarize
 from fedmoe_pl.executor import FitJob, FitOutcome
 from fedmoe_pl.experiment import Experiment, fit
 from fedmoe_pl.federation import Federation, quiet_lightning
-from fedmoe_pl.flower.wire import REPORT, UPLOAD, from_record, number, put_instructions, record_bytes
+from fedmoe_pl.flower.wire import REPORT, UPLOAD, from_record, number, put_instructions
 from fedmoe_pl.sinks import Checkpoint, Sink
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,11 @@ class FlowerExecutor:
             if isinstance(reply, Exception):
                 yield FitOutcome(cid, error=reply)
                 continue
-            upload = reply.content.array_records[UPLOAD]
+            upload = from_record(reply.content.array_records[UPLOAD])
             report = reply.content.metric_records[REPORT]
-            self.link.wire["wire_bytes_up"] += record_bytes(upload)
+            self.link.wire["wire_bytes_up"] += payload_bytes(upload)
             samples, metrics = int(number(report, "num_samples")), {"train_loss": number(report, "train_loss")}
-            yield FitOutcome(cid, result=ClientResult(cid, from_record(upload), samples, metrics))
+            yield FitOutcome(cid, result=ClientResult(cid, upload, samples, metrics))
 
 
 class FlowerFederation(Federation):
@@ -193,7 +193,6 @@ class FlowerFederation(Federation):
             exp.algorithm,
             exp.seed,
             executor=self.flower,
-            evaluator=Evaluator(),
             sinks=sinks,
             clients=MemoryClients(),
         )
@@ -213,10 +212,7 @@ class FlowerFederation(Federation):
     def _evaluate(self, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
         asked = set(ids)
         targets = sorted(asked | (set(self.link.pending) - self.link.silent))
-        contents = {
-            cid: RecordDict({"evaluate": ConfigRecord({"score": cid in asked, "confusion": confusion})})
-            for cid in targets
-        }
+        contents = {cid: _evaluate_message(cid in asked, confusion) for cid in targets}
         scores: dict[int, dict[str, Any] | None] = {}
         unreachable = []
         for cid, reply in self.link.exchange("evaluate", self.flower.round, contents).items():
@@ -232,14 +228,17 @@ class FlowerFederation(Federation):
         # client that did not answer this round: they wait for its next message).
         waiting = sorted(cid for cid in self.link.pending if cid not in self.link.silent)
         if waiting:
-            apply_only = {
-                cid: RecordDict({"evaluate": ConfigRecord({"score": False, "confusion": False})}) for cid in waiting
-            }
+            apply_only = {cid: _evaluate_message(score=False, confusion=False) for cid in waiting}
             for cid, reply in self.link.exchange("evaluate", round_, apply_only).items():
                 if isinstance(reply, Exception):
                     log.warning("client %d did not receive the round's instructions: %s", cid, reply)
         record.update(self.link.wire)
         super()._end_round(round_, record)
+
+
+def _evaluate_message(score: bool, confusion: bool) -> RecordDict:
+    """An ``evaluate`` message's own content: whether to score the client (and its confusion matrix)."""
+    return RecordDict({"evaluate": ConfigRecord({"score": score, "confusion": confusion})})
 
 
 def run(exp: Experiment, grid: Grid, timeout: float) -> dict[str, Any]:

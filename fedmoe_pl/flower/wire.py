@@ -4,7 +4,7 @@ A message to a client carries its pending :class:`~fedmoe_pl.algorithms.Instruct
 order: each payload as an ``ArrayRecord`` named ``payload.<i>`` and all settings as one JSON list
 in the ``instructions`` ConfigRecord. Replies carry the upload as the ``upload`` ArrayRecord and
 numbers in the ``report`` MetricRecord. Bytes are counted as the simulation counts them (raw tensor
-storage, :func:`~fedmoe_pl.aggregation.payload_bytes`), but from the arrays that arrived.
+storage, :func:`~fedmoe_pl.aggregation.payload_bytes`), but of the arrays that arrived.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedmoe_pl.aggregation import Payload
+from fedmoe_pl.aggregation import Payload, payload_bytes
 from fedmoe_pl.algorithms import Instruction
 
 INSTRUCTIONS = "instructions"
@@ -30,11 +30,6 @@ def to_record(payload: Payload) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> Payload:
     return {key: torch.from_numpy(array.numpy().copy()) for key, array in record.items()}
-
-
-def record_bytes(record: ArrayRecord) -> int:
-    """Raw bytes of the arrays in a record (no framing), as :func:`payload_bytes` counts a payload."""
-    return sum(array.numpy().nbytes for array in record.values())
 
 
 def put_instructions(content: RecordDict, instructions: list[Instruction]) -> None:
@@ -55,7 +50,7 @@ def take_instructions(content: RecordDict) -> tuple[list[Instruction], int]:
         payload = None
         if record is not None:
             payload = from_record(record)
-            received += record_bytes(record)
+            received += payload_bytes(payload)
         out.append(Instruction(payload, values))
     return out, received
 
