@@ -145,7 +145,7 @@ def main() -> None:
         sampled = fed.schedule[0]
         executors: dict[str, Callable[[], Executor]] = {
             "sequential": lambda: SequentialExecutor(exp.trainer),
-            "batched": lambda: BatchedExecutor(device, SequentialExecutor(exp.trainer), exp.trainer.get("precision")),
+            "batched": lambda: BatchedExecutor(device, SequentialExecutor(exp.trainer), exp.trainer),
         }
         steps = sum(len(exp.data.clients[k].train_dataloader()) for k in sampled)
         for repeat in range(args.repeats + 1):  # the first pass warms up caches and lazy imports

@@ -13,12 +13,20 @@ fewer batches are trained exactly, with no sample dropped or repeated.
 
 A client class opts in with ``batchable = True``: its training loss must be a pure function of
 its parameters, buffers and the batch (buffers may be updated in place, as a norm's running
-statistics are). Other clients of the round go to the sequential executor.
+statistics are). Other clients of the round go to the sequential executor, and so does a stacked
+group whose step fails (a random op such as dropout, which ``vmap`` refuses, or an error in one
+client): each of its clients then trains alone, so a failure is traced to its own client.
+
+Gradient clipping and accumulation (``trainer.gradient_clip_val``, ``accumulate_grad_batches``)
+follow the client's manual step exactly; a parameter that got no gradient is left alone, as
+``torch.optim.SGD`` leaves it. Trainer settings this executor does not honour are refused when it
+is built (:func:`~fedmoe_pl.trainer_settings.batched_refusals`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,7 +36,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.executor import Executor, FitJob, FitOutcome, SequentialExecutor, diverged
+from fedmoe_pl.trainer_settings import StepRules, check_batched
 
+log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -65,8 +75,11 @@ class BatchedExecutor:
 
     Args:
         device: where the stacked clients train.
-        fallback: the executor of clients that are not batchable (default: one Trainer each).
-        precision: ``"bf16-mixed"`` runs the forward pass under bfloat16 autocast; anything else in fp32.
+        fallback: the executor of clients that are not batchable, and of a group whose stacked step
+            failed (default: one Trainer each).
+        trainer: the ``trainer`` settings (:class:`~fedmoe_pl.trainer_settings.TrainerSettings`):
+            ``precision: bf16-mixed`` runs the forward pass under bfloat16 autocast (fp32 otherwise),
+            clipping and accumulation as the client's step; any other setting is refused.
         max_group: the most clients stacked in one step. Default: all of a group on a GPU, one on
             a CPU — there a single client's convolutions already keep the cores busy, and vmap's
             batched convolution and pooling are slower than the plain ones (measured in
@@ -77,15 +90,18 @@ class BatchedExecutor:
         self,
         device: torch.device | str = "cpu",
         fallback: Executor | None = None,
-        precision: Any = None,
+        trainer: dict[str, Any] | None = None,
         max_group: int | None = None,
     ) -> None:
+        trainer = dict(trainer or {})
+        check_batched(trainer)
         self.device = torch.device(device)
         self.max_group = max_group if max_group is not None else (1 if self.device.type == "cpu" else None)
         if self.max_group is not None and self.max_group < 1:
             raise ValueError(f"max_group must be a positive number of clients, got {max_group}")
         self.fallback = fallback or SequentialExecutor({"accelerator": "cpu"} if self.device.type == "cpu" else {})
-        self.autocast = str(precision) in ("bf16-mixed", "bf16")
+        self.autocast = str(trainer.get("precision")) in ("bf16-mixed", "bf16")
+        self.rules = StepRules.from_trainer(trainer)
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         outcomes: dict[int, FitOutcome] = {}
@@ -114,15 +130,22 @@ class BatchedExecutor:
             batches = [epoch_batches(job, self.device) for job in jobs]
             losses, params, buffers = self._train(clients, batches, [job.epochs for job in jobs])
         except Exception as err:  # the group's clients keep their state: nothing was written back
-            return [FitOutcome(c.client_id, error=err) for c in clients]
+            if len(jobs) == 1:
+                return [FitOutcome(clients[0].client_id, error=err)]
+            log.warning(
+                "clients %s could not train stacked (%s: %s); they train one at a time instead",
+                [c.client_id for c in clients],
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
+            return list(self.fallback.fit(jobs))
         outcomes = []
         for k, (job, client) in enumerate(zip(jobs, clients)):
             loss = losses[k]
             if (error := diverged(loss)) is not None:
                 outcomes.append(FitOutcome(client.client_id, error=error))
                 continue
-            state = {name.removeprefix("client."): t[k].cpu() for name, t in {**params, **buffers}.items()}
-            client.load_state_dict(state)
+            _write_back(client, {name.removeprefix("client."): t[k] for name, t in {**params, **buffers}.items()})
             result = ClientResult(client.client_id, client.upload(), job.data.num_train, {"train_loss": loss})
             outcomes.append(FitOutcome(client.client_id, result=result))
         return outcomes
@@ -137,14 +160,16 @@ class BatchedExecutor:
         """
         lr, weight_decay, momentum = self._sgd_settings(clients[0])
         steps = [len(b) for b in batches]
+        per_epoch = [max(s // e, 1) for s, e in zip(steps, epochs)]
         last_epoch = [s - s // e for s, e in zip(steps, epochs)]  # the first step of each client's last epoch
         if len(clients) == 1:
-            return self._train_one(clients[0], batches[0], last_epoch[0], epochs[0], lr, weight_decay, momentum)
+            return self._train_one(clients[0], batches[0], last_epoch[0], per_epoch[0], lr, weight_decay, momentum)
         shell = _Loss(copy.deepcopy(clients[0])).to(self.device).train()
         stacked_params, stacked_buffers = stack_module_state([_Loss(c) for c in clients])  # copies
         params = {name: p.detach().to(self.device).requires_grad_(True) for name, p in stacked_params.items()}
         buffers = {name: b.to(self.device) for name, b in stacked_buffers.items()}
         sgd = _StackedSGD(params, lr, weight_decay, momentum)
+        accumulated: list[torch.Tensor | None] = [None] * len(params)  # summed gradients, (G, ...) each
         loss_sum = torch.zeros(len(clients), device=self.device)
         for t in range(max(steps, default=0)):
             buckets: dict[int, list[int]] = {}
@@ -154,10 +179,11 @@ class BatchedExecutor:
             for members in buckets.values():
                 x = torch.stack([batches[k][t][0] for k in members])  # (G', B, C, H, W)
                 y = torch.stack([batches[k][t][1] for k in members])  # (G', B)
-                losses = self._step(shell, params, buffers, sgd, members, x, y)
+                stepping = [k for k in members if self.rules.steps_after(t % per_epoch[k], per_epoch[k])]
+                losses = self._step(shell, params, buffers, sgd, members, stepping, accumulated, x, y)
                 counted = [k for k in members if t >= last_epoch[k]]
                 loss_sum[counted] += losses[counted]
-        means = (loss_sum.cpu() / torch.tensor([max(s // e, 1) for s, e in zip(steps, epochs)])).tolist()
+        means = (loss_sum.cpu() / torch.tensor(per_epoch)).tolist()
         return means, {name: p.detach() for name, p in params.items()}, buffers
 
     def _train_one(
@@ -165,25 +191,37 @@ class BatchedExecutor:
         client: FederatedClient,
         batches: list[Batch],
         last_epoch: int,
-        epochs: int,
+        per_epoch: int,
         lr: dict[str, float],
         weight_decay: float,
         momentum: float,
     ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """A group of one: the same step on a copy of the client, with no stacking or functional call."""
+        """A group of one: the client's own step, op for op (accumulation and clipping included), on a
+        copy of the client, with no stacking or functional call."""
         wrapped = _Loss(copy.deepcopy(client)).to(self.device).train()
         params: dict[str, torch.Tensor] = dict(wrapped.named_parameters())
+        # Clipping sees the parameters in the order of the client's optimizer, as Lightning's does.
+        order = {id(p): i for i, p in enumerate(p for g in wrapped.client.param_groups() for p in g["params"])}
+        clip_order = sorted(params.values(), key=lambda p: order.get(id(p), len(order)))
         sgd = _StackedSGD(params, lr, weight_decay, momentum)
+        rules = self.rules
+        summed: list[torch.Tensor | None] = [None] * len(params)
         loss_sum = torch.zeros((), device=self.device)
         for t, (x, y) in enumerate(batches):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = wrapped(x, y)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            with torch.no_grad():
-                sgd.step(grads, None)
+            scaled = loss / rules.accumulate if rules.accumulate > 1 else loss
+            grads = torch.autograd.grad(scaled, list(params.values()), allow_unused=True)
+            summed = [g if s is None else s if g is None else s + g for s, g in zip(summed, grads)]
+            if rules.steps_after(t % per_epoch, per_epoch):
+                with torch.no_grad():
+                    if rules.clip_val is not None:
+                        summed = _clip_like_torch(list(params.values()), summed, clip_order, rules)
+                    sgd.step(summed, None)
+                summed = [None] * len(params)
             if t >= last_epoch:
                 loss_sum += loss.detach().float()
-        mean = float(loss_sum) / max(len(batches) // epochs, 1)
+        mean = float(loss_sum) / per_epoch
         stacked = {n: p.detach().unsqueeze(0) for n, p in params.items()}
         return [mean], stacked, {n: b.unsqueeze(0) for n, b in wrapped.named_buffers()}
 
@@ -201,21 +239,48 @@ class BatchedExecutor:
         buffers: dict[str, torch.Tensor],
         sgd: _StackedSGD,
         members: list[int],
+        stepping: list[int],
+        accumulated: list[torch.Tensor | None],
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> torch.Tensor:
-        """One SGD step of the listed clients; returns their losses scattered into a (G,) vector."""
+        """Gradients of the listed clients' batch; an SGD step for those in ``stepping`` (all of them
+        without accumulation). Returns the members' losses scattered into a (G,) vector."""
         count = next(iter(params.values())).shape[0]
-        index = None if len(members) == count else torch.tensor(members, device=self.device)
+        rules = self.rules
+        index = _index(members, count, self.device)
         p = params if index is None else {name: v.index_select(0, index) for name, v in params.items()}
         b = buffers if index is None else {name: v.index_select(0, index) for name, v in buffers.items()}
         losses = vmap(lambda p_, b_, x_, y_: self._loss(shell, p_, b_, x_, y_))(p, b, x, y)  # (G',)
-        grads = torch.autograd.grad(losses.sum(), list(p.values()), allow_unused=True)
+        scaled = (losses / rules.accumulate).sum() if rules.accumulate > 1 else losses.sum()
+        grads: list[torch.Tensor | None] = list(torch.autograd.grad(scaled, list(p.values()), allow_unused=True))
         with torch.no_grad():
-            sgd.step(grads, index)
             if index is not None:
                 for name, value in b.items():
                     buffers[name].index_copy_(0, index, value)
+            if rules.accumulate == 1:
+                step_index = index
+            else:
+                for i, g in enumerate(grads):
+                    if g is None:
+                        continue
+                    if accumulated[i] is None:
+                        accumulated[i] = torch.zeros_like(sgd.params[i])
+                    acc = accumulated[i]
+                    assert acc is not None
+                    acc.add_(g) if index is None else acc.index_add_(0, index, g)
+                step_index = _index(stepping, count, self.device)
+                grads = [
+                    None if a is None else a.clone() if step_index is None else a.index_select(0, step_index)
+                    for a in accumulated
+                ]
+                for a in accumulated:
+                    if a is not None and stepping:
+                        a.zero_() if step_index is None else a.index_fill_(0, step_index, 0.0)
+            if stepping:
+                if rules.clip_val is not None:
+                    _clip_stacked(grads, rules)
+                sgd.step(grads, step_index)
         out = torch.zeros(count, device=self.device)
         out[members] = losses.detach().float()
         return out
@@ -245,28 +310,85 @@ class _StackedSGD:
         self.params = [params[n] for n in self.names]
         self.lr = [lr[n] for n in self.names]
         self.weight_decay, self.momentum = weight_decay, momentum
-        self.by_lr: dict[float, list[int]] = {}
-        for k, value in enumerate(self.lr):
-            self.by_lr.setdefault(value, []).append(k)
         # Zero momentum makes the first step's buffer the gradient itself, as SGD's first step sets it.
         self.velocity = [torch.zeros_like(p) for p in self.params] if momentum else []
 
     def step(self, grads: Sequence[torch.Tensor | None], index: torch.Tensor | None) -> None:
-        d: list[torch.Tensor] = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        if index is None:  # every client steps: multi-tensor ops, as SGD's foreach path does
-            if self.weight_decay:
-                d = list(torch._foreach_add(d, self.params, alpha=self.weight_decay))
-            if self.momentum:
-                torch._foreach_mul_(self.velocity, self.momentum)
-                torch._foreach_add_(self.velocity, d)
-                d = self.velocity
-            for lr, members in self.by_lr.items():
-                torch._foreach_add_([self.params[k] for k in members], [d[k] for k in members], alpha=-lr)
+        # A parameter without a gradient is skipped, as torch.optim.SGD skips it: no decay, no momentum.
+        active = [k for k, g in enumerate(grads) if g is not None]
+        if not active:
             return
-        for k, param in enumerate(self.params):
+        if index is None:  # every client steps: multi-tensor ops, as SGD's foreach path does
+            params = [self.params[k] for k in active]
+            d: list[torch.Tensor] = [grads[k] for k in active]  # type: ignore[misc]
+            if self.weight_decay:
+                d = list(torch._foreach_add(d, params, alpha=self.weight_decay))
+            if self.momentum:
+                velocity = [self.velocity[k] for k in active]
+                torch._foreach_mul_(velocity, self.momentum)
+                torch._foreach_add_(velocity, d)
+                d = velocity
+            by_lr: dict[float, list[int]] = {}
+            for i, k in enumerate(active):
+                by_lr.setdefault(self.lr[k], []).append(i)
+            for lr, members in by_lr.items():
+                torch._foreach_add_([params[i] for i in members], [d[i] for i in members], alpha=-lr)
+            return
+        for k in active:
+            param, grad = self.params[k], grads[k]
+            assert grad is not None
             value = param.index_select(0, index)
-            step = d[k].add(value, alpha=self.weight_decay) if self.weight_decay else d[k]
+            step = grad.add(value, alpha=self.weight_decay) if self.weight_decay else grad
             if self.momentum:
                 step = self.velocity[k].index_select(0, index).mul_(self.momentum).add_(step)
                 self.velocity[k].index_copy_(0, index, step)
             param.index_copy_(0, index, value.add(step, alpha=-self.lr[k]))
+
+
+def _index(members: list[int], count: int, device: torch.device) -> torch.Tensor | None:
+    """The index of some clients of a stack; None when it is all of them."""
+    return None if len(members) == count else torch.tensor(members, device=device, dtype=torch.long)
+
+
+def _clip_like_torch(
+    params: list[torch.Tensor], grads: list[torch.Tensor | None], order: list[torch.Tensor], rules: StepRules
+) -> list[torch.Tensor | None]:
+    """One client's gradients clipped by the very function Lightning's ``clip_gradients`` calls."""
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    assert rules.clip_val is not None
+    if rules.clip_algorithm == "value":
+        torch.nn.utils.clip_grad_value_(order, rules.clip_val)
+    else:
+        torch.nn.utils.clip_grad_norm_(order, rules.clip_val)
+    clipped = [param.grad for param in params]
+    for param in params:
+        param.grad = None
+    return clipped
+
+
+def _clip_stacked(grads: list[torch.Tensor | None], rules: StepRules) -> None:
+    """Clip every client's gradients in a stack, in place: each client by its own total norm."""
+    assert rules.clip_val is not None
+    present = [g for g in grads if g is not None]
+    if not present:
+        return
+    if rules.clip_algorithm == "value":
+        for g in present:
+            g.clamp_(-rules.clip_val, rules.clip_val)
+        return
+    norms = torch.stack([g.flatten(1).float().norm(dim=1) for g in present])  # (P, G)
+    total = torch.linalg.vector_norm(norms, dim=0)  # (G,)
+    coef = (rules.clip_val / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+    for g in present:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+
+
+def _write_back(client: FederatedClient, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy trained tensors into a client's own parameters and buffers (non-persistent ones and
+    modules registered under two names included: each tensor is written once, in place)."""
+    parameters = dict(client.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            target = parameters[name] if name in parameters else client.get_buffer(name)
+            target.copy_(t)

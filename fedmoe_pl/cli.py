@@ -9,45 +9,24 @@ finished runs and ``plot`` draws one run's pictures.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning import Trainer
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
-from fedmoe_pl.algorithms import Algorithm, ClientConfig
-from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.distributed import is_leader
 from fedmoe_pl.errors import Interrupted, RunError
-from fedmoe_pl.experiment import Experiment, fit
-from fedmoe_pl.federation import FederationConfig, quiet_lightning
-from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.sweep import SweepRun
-from fedmoe_pl.tracking import WandbConfig
+from fedmoe_pl.trainer_settings import TrainerSettings
 
-# Trainer arguments the federation sets itself: one device, one local fit, nothing logged.
-TRAINER_OWNED = {
-    "logger",
-    "callbacks",
-    "enable_checkpointing",
-    "enable_progress_bar",
-    "enable_model_summary",
-    "max_epochs",
-    "min_epochs",
-    "max_steps",
-    "min_steps",
-    "max_time",
-    "devices",
-    "num_nodes",
-    "strategy",
-    "num_sanity_val_steps",
-    "limit_val_batches",
-    "check_val_every_n_epoch",
-    "val_check_interval",
-    "default_root_dir",
-    "plugins",
+if TYPE_CHECKING:
+    from fedmoe_pl.experiment import Experiment
+
+# torch and Lightning are imported only by the commands that need them, so that `fedmoe-pl --help`
+# and the tools over finished runs start at once.
+EXPERIMENT_COMMANDS = ("fit", "partition")
+DESCRIPTIONS = {
+    "fit": "Train a federation and write its run directory",
+    "partition": "Build the data partition of a config and report it, training nothing",
 }
 
 DEFAULTS = {
@@ -58,6 +37,11 @@ DEFAULTS = {
 
 
 def _experiment_parser(description: str) -> ArgumentParser:
+    from fedmoe_pl.algorithms import Algorithm, ClientConfig
+    from fedmoe_pl.data import FederatedDataModule
+    from fedmoe_pl.federation import FederationConfig
+    from fedmoe_pl.tracking import WandbConfig
+
     # No abbreviations: `--federation.round 1` must not run as `--federation.rounds 1`.
     parser = ArgumentParser(description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config; repeat to overlay")
@@ -67,20 +51,27 @@ def _experiment_parser(description: str) -> ArgumentParser:
     parser.add_subclass_arguments(Algorithm, "algorithm")
     parser.add_class_arguments(FederationConfig, "federation")
     parser.add_class_arguments(WandbConfig, "wandb")
-    parser.add_class_arguments(Trainer, "trainer", skip=TRAINER_OWNED, instantiate=False)
+    # Only the Trainer arguments a local fit honours; the federation owns the others.
+    parser.add_class_arguments(TrainerSettings, "trainer")
     parser.set_defaults(DEFAULTS)
     return parser
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(experiments: bool = True) -> ArgumentParser:
+    """The ``fedmoe-pl`` parser; ``experiments=False`` gives ``fit`` and ``partition`` placeholder
+    parsers (for a command line that uses neither), which import no torch."""
     parser = ArgumentParser(
-        prog="fedmoe-pl", description="pFedMoE and baselines for personalized federated learning", allow_abbrev=False
+        prog="fedmoe-pl",
+        description="pFedMoE and baselines for personalized federated learning",
+        allow_abbrev=False,
+        exit_on_error=False,
     )
     commands = parser.add_subcommands(dest="subcommand")
-    fit_parser = _experiment_parser("Train a federation and write its run directory")
+    experiment = _experiment_parser if experiments else _placeholder_parser
+    fit_parser = experiment(DESCRIPTIONS["fit"])
     fit_parser.add_argument("--resume", type=str | None, default=None, help="run directory or checkpoint to continue")
     commands.add_subcommand("fit", fit_parser, help="train a federation")
-    part_parser = _experiment_parser("Build the data partition of a config and report it, training nothing")
+    part_parser = experiment(DESCRIPTIONS["partition"])
     part_parser.add_argument(
         "--output", type=str, default="partition", help="folder for partition.json and the heat map"
     )
@@ -92,6 +83,10 @@ def build_parser() -> ArgumentParser:
     plot_parser.add_argument("--output", type=str | None, default=None, help="folder for the PNGs (the run directory)")
     commands.add_subcommand("plot", plot_parser, help="draw a run's pictures")
     return parser
+
+
+def _placeholder_parser(description: str) -> ArgumentParser:
+    return ArgumentParser(description=description, exit_on_error=False, allow_abbrev=False)
 
 
 def _grid_parser() -> ArgumentParser:
@@ -143,13 +138,17 @@ def _grid(cfg: Namespace) -> int:
 
 
 def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
-    init = parser.instantiate(cfg)
+    from fedmoe_pl.experiment import Experiment
+
+    try:
+        init = parser.instantiate(cfg)
+    except (ValueError, TypeError) as err:  # a class refused its arguments; jsonargparse nests the reason
+        raise ValueError(one_line(str(err))) from err
     plain = cfg.clone()
     for key in ("config", "__path__"):
         if key in plain:
             del plain[key]
     as_dict: dict[str, Any] = plain.as_dict()
-    trainer = {k: v for k, v in cfg.trainer.as_dict().items() if v is not None}
     return Experiment(
         seed=cfg.seed_everything,
         data=init.data,
@@ -157,7 +156,7 @@ def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
         algorithm=init.algorithm,
         federation=init.federation,
         wandb=init.wandb,
-        trainer=_non_defaults(trainer),
+        trainer=init.trainer.changed(),
         config=as_dict,
         config_yaml=parser.dump(plain, skip_unset=False),
     )
@@ -170,10 +169,25 @@ def experiment_from_args(argv: list[str]) -> Experiment:
     return _experiment(parser, parser.parse_args(argv))
 
 
-def _non_defaults(trainer: dict[str, Any]) -> dict[str, Any]:
-    """Pass on only the Trainer arguments the user changed, so Lightning's defaults stay Lightning's."""
-    defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
-    return {k: v for k, v in trainer.items() if defaults.get(k, object()) != v}
+# Lines of jsonargparse's nested errors that repeat what the others say, or show its internals.
+_NOISE = (
+    "Given value",
+    "Subtypes:",
+    "Errors:",
+    "Does not validate against any of the Union subtypes",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def one_line(message: str) -> str:
+    """A parser error as one line: the keys on the way to the offending value, the value and what was expected."""
+    parts = [line.strip().removeprefix("- ") for line in message.splitlines()]
+    kept = [part for part in parts if part and not part.startswith(_NOISE)]
+    return " ".join(kept).rstrip(".")
+
+
+def parser_commands(parser: ArgumentParser) -> list[str]:
+    return list(parser._subcommands_action._name_parser_map)  # type: ignore[union-attr]
 
 
 def subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser:
@@ -182,9 +196,15 @@ def subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_lightning()
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(experiments=bool(args) and args[0] in EXPERIMENT_COMMANDS)
+    try:
+        cfg = parser.parse_args(args)
+    except ArgumentError as err:
+        command = args[0] if args and args[0] in parser_commands(parser) else None
+        where = f"fedmoe-pl {command}" if command else "fedmoe-pl"
+        print(f"{where}: error: {one_line(str(err))}. See: {where} --help", file=sys.stderr)
+        raise SystemExit(2) from None
     command = cfg.subcommand
     sub_parser = subcommand_parser(parser, command)
     sub_cfg = cfg[command]
@@ -193,6 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
+    from fedmoe_pl.distributed import is_leader
+    from fedmoe_pl.experiment import fit
+    from fedmoe_pl.federation import quiet_lightning
+
+    quiet_lightning()
     try:
         if command == "fit":
             _sweep_run_dir(sub_cfg)
@@ -251,6 +276,9 @@ def _tool_command(command: str, cfg: Namespace) -> int:
 
 def _sweep_run_dir(cfg: Namespace) -> None:
     """Under a W&B sweep agent: the run directory derives from the sweep run's id; resume it if it holds a run."""
+    from fedmoe_pl.rundir import RunDirectory
+    from fedmoe_pl.sweep import SweepRun
+
     sweep = SweepRun.from_env()
     if sweep is None or cfg.resume:
         return
@@ -267,6 +295,8 @@ def _sweep_run_dir(cfg: Namespace) -> None:
 
 def _resume_in_place(cfg: Namespace) -> None:
     """``--resume A`` continues the run in A, whatever directory the config names."""
+    from fedmoe_pl.rundir import RunDirectory
+
     run_dir = RunDirectory.locate(cfg.resume)
     if Path(cfg.federation.run_dir).resolve() != run_dir.resolve():
         print(

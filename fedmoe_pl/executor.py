@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.data import ClientDataModule
+from fedmoe_pl.trainer_settings import StepRules, trainer_kwargs
 
 
 @dataclass
@@ -61,8 +62,9 @@ class SequentialExecutor:
     """A fresh Lightning ``Trainer`` and ``Trainer.fit`` per client, one client after another.
 
     Args:
-        trainer_kwargs: the user's Trainer arguments (accelerator, precision, ...); the executor
-            sets the ones a local fit owns (one device, the epochs, no logging or checkpoints).
+        trainer_kwargs: the user's ``trainer`` settings (:class:`~fedmoe_pl.trainer_settings.TrainerSettings`);
+            clipping and accumulation go to the client's step, the rest to the Trainer. The executor
+            sets the arguments a local fit owns (one device, the epochs, no logging or checkpoints).
         plugins: the Trainers' plugins (default: under Slurm, its environment without auto-requeue).
         devices: the Trainers' ``devices`` (one device; a list picks which GPU).
     """
@@ -74,6 +76,7 @@ class SequentialExecutor:
         devices: int | list[int] = 1,
     ) -> None:
         self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.step_rules = StepRules.from_trainer(self.trainer_kwargs)
         self.devices = devices
         # Under Slurm, Lightning would save and requeue a single local fit on SIGUSR1; the
         # federation keeps its own checkpoints and requeues itself (fedmoe_pl.slurm).
@@ -99,8 +102,9 @@ class SequentialExecutor:
 
     def _fit_one(self, job: FitJob) -> float:
         job.data.shuffle_seed = job.seed
+        job.client.step_rules = self.step_rules
         trainer = L.Trainer(
-            **self.trainer_kwargs,
+            **trainer_kwargs(self.trainer_kwargs),
             devices=self.devices,
             max_epochs=job.epochs,
             logger=False,

@@ -23,6 +23,7 @@ from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.signals import StopSignals
 from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
+from fedmoe_pl.trainer_settings import check_batched, trainer_kwargs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,7 +86,7 @@ def training_device(trainer: dict[str, Any], plugins: Sequence[Any] = ()) -> tor
     """
     try:
         probe = L.Trainer(
-            **trainer,
+            **trainer_kwargs(trainer),
             devices=1,
             plugins=list(plugins),
             logger=False,
@@ -150,6 +151,8 @@ def _call(check: Callable[[], T]) -> T:
 def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Refuse what cannot run, load the data and the checkpoint to resume: before anything is written."""
     exp.algorithm.check(exp.client)
+    if exp.federation.executor == "batched":
+        check_batched(exp.trainer)
     if resume is not None and RunDirectory.locate(resume).resolve() != run_dir.path.resolve():
         raise ValueError(
             f"--resume {resume} names another run than federation.run_dir {str(run_dir.path)!r}; "
@@ -211,8 +214,7 @@ def build_federation(
         executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
         evaluator = Evaluator(device, enabled=group.leader)
     if exp.federation.executor == "batched":
-        precision = exp.trainer.get("precision")
-        executor = BatchedExecutor(device, executor, precision, max_group=exp.federation.batched_group)
+        executor = BatchedExecutor(device, executor, exp.trainer, max_group=exp.federation.batched_group)
     if group is not None:
         executor = DistributedExecutor(executor, group)
     return Federation(

@@ -13,6 +13,7 @@ from torch import nn
 
 from fedmoe_pl.aggregation import Payload
 from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
+from fedmoe_pl.trainer_settings import StepRules
 
 DEFAULT_ZOO: list[ModelSpec] = ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
 
@@ -91,6 +92,9 @@ class FederatedClient(L.LightningModule):
     #: updated in place), with no other state and no hooks that matter during a local fit.
     batchable: bool = False
 
+    #: Clipping and accumulation of the manual step; the executor sets them from ``trainer`` before a fit.
+    step_rules: StepRules = StepRules()
+
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -142,17 +146,27 @@ class FederatedClient(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Manual optimization: the step a plain loop takes (zero the gradients, backward, SGD step),
         # without the closure machinery of automatic optimization around it (measured: about 1 ms
-        # a step, a few per cent of a quickstart round on a CPU).
+        # a step, a few per cent of a quickstart round on a CPU). With accumulation, the gradients
+        # of ``accumulate`` batches add up (each loss divided by it) before one step.
         x, y = batch
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list), "a client has one optimizer (configure_optimizers)"
+        rules = self.step_rules
         loss = self.training_loss(x, y)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
+        if batch_idx % rules.accumulate == 0:
+            optimizer.zero_grad()
+        self.manual_backward(loss / rules.accumulate if rules.accumulate > 1 else loss)
+        if rules.steps_after(batch_idx, int(self.trainer.num_training_batches)):
+            optimizer.step()  # clipping, if any, happens in on_before_optimizer_step (after AMP's unscaling)
         self._loss_sum += loss.detach()  # summed on device: no host sync per step
         self._loss_steps += 1
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this hook once the gradients are final (unscaled under 16-bit AMP).
+        clip_val, algorithm = self.step_rules.clip_val, self.step_rules.clip_algorithm
+        if clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
 
     @property
     def train_loss(self) -> float:
