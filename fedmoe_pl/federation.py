@@ -31,7 +31,7 @@ from fedmoe_pl.algorithms import (
 )
 from fedmoe_pl.clients import ClientPool, MemoryClients, ReadOnlyClients
 from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.errors import ClientFailure, ClientUnreachable, Interrupted
+from fedmoe_pl.errors import ClientFailure, ClientUnreachable, Interrupted, RunError
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, FitJob, SequentialExecutor
 from fedmoe_pl.flops import training_flops_per_sample
@@ -106,7 +106,16 @@ class Federation:
         ]
         algorithm.start(ReadOnlyClients(self.clients), seed, cfg.rounds)
         self.round = 0
-        self.totals = {"bytes_up": 0, "bytes_down": 0, "train_flops": 0, "wall_s": 0.0, "dropped": 0, "failed": 0}
+        self.totals = {
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "train_flops": 0,
+            "wall_s": 0.0,
+            "dropped": 0,
+            "failed": 0,
+            "reported": 0,
+        }
+        self.empty_streak = 0  # consecutive rounds, up to the last one, in which no client reported
         self._flops_per_sample: dict[str, float] = {}  # by model name: clients of one architecture cost the same
         self.shared_numel = [0] * data.num_clients  # elements of each client's last upload
         self.final: dict[str, Any] | None = None  # the last evaluated round's record
@@ -134,8 +143,14 @@ class Federation:
                 self._account(round_, record, time.perf_counter() - start)
                 for sink in self.sinks:
                     sink.on_round_end(self, record)
+                self._check_progress()
                 if signals and round_ < self.cfg.rounds:
                     signals.check()
+            if self.totals["reported"] == 0:
+                raise RunError(
+                    f"no client reported in any of the run's {self.round} rounds: nothing was trained. "
+                    "metrics.jsonl lists the failed and dropped clients of each round; fix the cause and start again"
+                )
             status = "completed"
         except Interrupted as stop:
             stop.round, status, reason = self.round, "interrupted", stop.name
@@ -148,6 +163,16 @@ class Federation:
             for sink in self.sinks:
                 sink.on_run_end(self, summary)
         return summary
+
+    def _check_progress(self) -> None:
+        """Stop a run that keeps training nobody (every client failing, offline or unreachable)."""
+        if self.empty_streak >= self.cfg.max_empty_rounds:
+            first = self.round - self.empty_streak + 1
+            raise RunError(
+                f"no client reported in {self.empty_streak} consecutive rounds ({first}-{self.round}; "
+                f"federation.max_empty_rounds={self.cfg.max_empty_rounds}): the clients keep failing or are "
+                "unreachable. metrics.jsonl lists them under failed and dropped; fix the cause and continue with --resume"
+            )
 
     def _round(self, round_: int) -> dict[str, Any]:
         sampled = self.schedule[round_ - 1]
@@ -171,6 +196,7 @@ class Federation:
             "round": round_,
             "train_loss": float(np.mean(losses)) if losses else None,
             "reported": len(results),
+            "empty": not results,  # no client reported: nothing was aggregated this round
             "dropped": sorted(offline),
             "failed": failed,
             "bytes_up": sum(payload_bytes(r.upload) for r in results),
@@ -234,6 +260,8 @@ class Federation:
             self.totals[key] += record[key]
         self.totals["dropped"] += len(record["dropped"])
         self.totals["failed"] += len(record["failed"])
+        self.totals["reported"] += record["reported"]
+        self.empty_streak = self.empty_streak + 1 if record["reported"] == 0 else 0
         self.totals["wall_s"] += seconds
         record.update({f"total_{key}": value for key, value in self.totals.items() if key != "wall_s"})
         record["wall_s"] = seconds
@@ -255,6 +283,7 @@ class Federation:
             "clients": self.clients.state_dict(),
             "schedule": self.schedule,
             "totals": dict(self.totals),
+            "empty_streak": self.empty_streak,
             "shared_numel": list(self.shared_numel),
             "final": self.final,
             "best": self.best,
@@ -268,7 +297,9 @@ class Federation:
         self.round = done
         self.algorithm.load_state_dict(state["server"])
         self.clients.load_state_dict(state["clients"])
-        self.totals = {**self.totals, **state["totals"]}  # checkpoints from before a total was added lack it
+        # Checkpoints from before a total was added lack it; one without "reported" trained in its rounds.
+        self.totals = {**self.totals, "reported": done, **state["totals"]}
+        self.empty_streak = state.get("empty_streak", 0)
         self.shared_numel = list(state["shared_numel"])
         self.final, self.best = state["final"], state["best"]
         torch.set_rng_state(state["rng"]["torch"])

@@ -46,6 +46,9 @@ class FederationConfig:
             rounding; methods whose clients are not batchable train sequentially either way.
         batched_group: the most clients the batched executor stacks in one step (default: every
             client of an architecture on a GPU, one on a CPU, where stacking does not pay).
+        max_empty_rounds: after this many consecutive rounds in which no client reported (all
+            failed, dropped out or were unreachable) the run stops with ``status: failed``. A run
+            in which no client ever reported never ends ``completed``, however short.
     """
 
     rounds: int = 5
@@ -60,6 +63,7 @@ class FederationConfig:
     client_store_dir: str | None = None
     executor: Literal["sequential", "batched"] = "sequential"
     batched_group: int | None = None
+    max_empty_rounds: int = 3
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -78,6 +82,10 @@ class FederationConfig:
             raise ValueError(f"federation.executor must be 'sequential' or 'batched', got {self.executor!r}")
         if self.batched_group is not None and self.batched_group < 1:
             raise ValueError(f"federation.batched_group must be a positive number of clients, got {self.batched_group}")
+        if self.max_empty_rounds < 1:
+            raise ValueError(
+                f"federation.max_empty_rounds must be a positive number of rounds, got {self.max_empty_rounds}"
+            )
         if self.on_client_error not in ("stop", "drop"):
             raise ValueError(f"federation.on_client_error must be 'stop' or 'drop', got {self.on_client_error!r}")
 

@@ -289,3 +289,56 @@ def test_a_damaged_system_archive_leaves_no_partial_file(tmp_path) -> None:
         FashionMNIST(root=str(tmp_path / "data"), system_dir=str(tmp_path / "system")).load()
     assert not list((tmp_path / "data").rglob("*.partial*"))
     assert not (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+def _always_fail(monkeypatch) -> None:
+    def fit_one(self: SequentialExecutor, job: FitJob) -> float:
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(SequentialExecutor, "_fit_one", fit_one)
+
+
+def test_consecutive_empty_rounds_stop_the_run_as_failed(tmp_path, capsys, monkeypatch) -> None:
+    """Every client dropped every round: the run must not end `completed` with untrained models."""
+    _always_fail(monkeypatch)
+    config = tiny_config(tmp_path, rounds=10, on_client_error="drop", max_empty_rounds=2)
+    with pytest.raises(SystemExit) as exit_:
+        run_fit("--config", str(config))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "no client reported in 2 consecutive rounds (1-2" in err
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["round"], m["reported"], m["empty"]) for m in metrics] == [(1, 0, True), (2, 0, True)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds"] == 2
+    assert "consecutive rounds" in summary["reason"] and "\n" not in summary["reason"]
+
+
+def test_a_short_run_in_which_no_client_ever_reported_is_failed(tmp_path, capsys, monkeypatch) -> None:
+    _always_fail(monkeypatch)
+    config = tiny_config(tmp_path, rounds=1, on_client_error="drop")  # fewer rounds than max_empty_rounds
+    with pytest.raises(SystemExit) as exit_:
+        run_fit("--config", str(config))
+    assert exit_.value.code == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "nothing was trained" in summary["reason"]
+
+
+def test_an_empty_round_between_reporting_ones_is_recorded_and_the_run_completes(tmp_path, monkeypatch) -> None:
+    original = SequentialExecutor._fit_one
+
+    def fit_one(self: SequentialExecutor, job: FitJob) -> float:
+        if job.seed in empty_round_seeds:
+            raise RuntimeError("a flaky round")
+        return original(self, job)
+
+    from fedmoe_pl.schedule import fit_seed
+
+    empty_round_seeds = {fit_seed(7, 2, cid) for cid in range(3)}  # tiny_config's seed is 7: round 2 fails
+    monkeypatch.setattr(SequentialExecutor, "_fit_one", fit_one)
+    run_fit("--config", str(tiny_config(tmp_path, rounds=3, on_client_error="drop")))
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["empty"] for m in metrics] == [False, True, False]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_reported"] == 6
