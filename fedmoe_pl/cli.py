@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> None:
             write_partition(exp, Path(sub_cfg.output))
     except Interrupted as stop:
         run_dir = Path(sub_cfg.federation.run_dir)
+        if stop.final:  # the W&B sweep agent ended it: exit 0, so the agent counts no failure
+            print(
+                f"fedmoe-pl {command}: stopped by the W&B sweep agent ({stop.name}) after round {stop.round}; "
+                f"the run ends here (status: stopped in {run_dir / 'summary.json'})",
+                file=sys.stderr,
+            )
+            return
         print(
             f"fedmoe-pl {command}: interrupted by {stop.name} after round {stop.round}; the run directory keeps "
             f"that round's checkpoint. Continue with: fedmoe-pl fit --config {run_dir / 'config.yaml'} "

@@ -39,8 +39,9 @@ class Interrupted(BaseException):
     contained by ``on_client_error: drop``) never swallows it.
     """
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, final: bool = False) -> None:
         self.signum = signum
+        self.final = final  # a stop that ends the run for good (a W&B sweep agent's), not a preemption
         self.round = 0  # the last completed round, filled in by whoever knows it
         super().__init__(self.name)
 

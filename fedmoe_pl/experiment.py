@@ -20,7 +20,8 @@ from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.signals import StopSignals
+from fedmoe_pl.signals import AGENT_STOPS, StopSignals
+from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 from fedmoe_pl.trainer_settings import check_batched, trainer_kwargs
@@ -244,7 +245,7 @@ def _train(
         fed = build(exp, (), device, group)
         if checkpoint is not None:
             fed.load_state_dict(checkpoint)
-        with StopSignals() as signals:
+        with stop_signals() as signals:
             return fed.run(signals)
     run_dir.write_text("config.yaml", exp.config_yaml)
     partition = exp.data.report()
@@ -267,5 +268,10 @@ def _train(
     fed = build(exp, sinks, device, group)
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
-    with StopSignals() as signals:
+    with stop_signals() as signals:
         return fed.run(signals)
+
+
+def stop_signals() -> StopSignals:
+    """Under a W&B sweep agent, SIGTERM and SIGINT are the agent's stop: the run ends as ``stopped``."""
+    return StopSignals(final=AGENT_STOPS if SweepRun.from_env() is not None else ())

@@ -153,7 +153,8 @@ class Federation:
                 )
             status = "completed"
         except Interrupted as stop:
-            stop.round, status, reason = self.round, "interrupted", stop.name
+            stop.round, reason = self.round, stop.name
+            status = "stopped" if stop.final else "interrupted"
             raise
         except BaseException as err:
             reason = f"{type(err).__name__}: {err}"
@@ -307,7 +308,8 @@ class Federation:
         random.setstate(state["rng"]["python"])
 
     def summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
-        """The run's ``summary.json``; ``status`` is ``completed``, ``interrupted`` or ``failed``."""
+        """The run's ``summary.json``; ``status`` is ``completed``, ``interrupted`` (to be resumed),
+        ``stopped`` (ended for good by its W&B sweep agent) or ``failed``."""
         final, best = self.final or {}, self.best or {}
         accs = final.get("client_acc", {})
         params: dict[str, int] = {}  # by model name: one client of each architecture is enough

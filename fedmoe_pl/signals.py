@@ -18,6 +18,9 @@ from typing import Any
 from fedmoe_pl.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# How a W&B sweep agent stops a run (early termination, a stop from the UI, Ctrl-C on the agent).
+# SIGUSR1 stays a preemption: Slurm sends it before a time limit, and the run requeues itself.
+AGENT_STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
@@ -25,9 +28,14 @@ class StopSignals:
 
     Lightning adds its own SIGTERM handler during ``Trainer.fit`` and calls the one it found, so
     a SIGTERM inside a local fit reaches this class too.
+
+    Args:
+        final: signals that end the run for good rather than interrupt it for a later resumption
+            (under a W&B sweep agent, which stops a run with SIGTERM, say).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, final: tuple[int, ...] = ()) -> None:
+        self.final = tuple(final)
         self.signum: int | None = None
         self._abandonable = False
         self._previous: dict[int, Any] = {}
@@ -48,12 +56,12 @@ class StopSignals:
             self.signum = signum
         if self._abandonable:
             self._abandonable = False  # raise once; the unwinding must not be interrupted again
-            raise Interrupted(self.signum)
+            raise Interrupted(self.signum, self.signum in self.final)
 
     def check(self) -> None:
         """Raise :class:`Interrupted` if a stop signal has arrived."""
         if self.signum is not None:
-            raise Interrupted(self.signum)
+            raise Interrupted(self.signum, self.signum in self.final)
 
     @contextmanager
     def abandonable(self) -> Iterator[None]:

@@ -104,7 +104,8 @@ class Wandb(Sink):
             self.tracker.summary({k: v for k, v in summary.items() if k != "clients"})
             if summary["status"] == "interrupted":
                 self.tracker.mark_preempting()  # resumable: a sweep hands the run out again
-            self.tracker.finish(exit_code=0 if summary["status"] == "completed" else 1)
+            # A run its sweep agent stopped (early termination) ends normally: not preempted, not failed.
+            self.tracker.finish(exit_code=0 if summary["status"] in ("completed", "stopped") else 1)
         except Exception as err:
             log.error("W&B could not finish the run: %s", err)
 

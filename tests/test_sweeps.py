@@ -139,6 +139,99 @@ def test_sweep_agent_loop_runs_two_real_runs_into_distinct_run_directories(monke
         assert summary["best_mean_acc"] == best
 
 
+@pytest.mark.slow
+def test_a_stop_from_the_sweep_agent_ends_the_run_as_stopped_not_preempted(monkeypatch, tmp_path: Path) -> None:
+    """wandb's real agent loop sends its SIGTERM (Hyperband early termination, a stop from the UI)."""
+    import wandb.apis.public.sweeps as server
+
+    tiny = tiny_config(tmp_path, rounds=400, run_dir=str(tmp_path / "runs" / "run"))
+    sweep = load(ROOT / "configs" / "sweeps" / "methods_grid.yaml")
+    sweep["command"] = [str(tiny) if c == "configs/quickstart.yaml" else c for c in sweep["command"]]
+    run = tmp_path / "runs" / "sweeps" / "sw3" / "run0"
+    commands = iter([[{"type": "run", "run_id": "run0", "program": None, "args": {"seed_everything": {"value": 1}}}]])
+
+    def heartbeat(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        started = next(commands, None)
+        if started is not None:
+            return started
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and metrics.stat().st_size > 0:  # a round is done: the agent stops the run
+            return [{"type": "stop", "run_id": "run0"}]
+        return []
+
+    monkeypatch.setattr(server, "_sweep_with_runs", lambda *a, **k: {"config": yaml.safe_dump(sweep)})
+    monkeypatch.setattr(server, "_register_agent", lambda *a, **k: {"id": "agent-0"})
+    monkeypatch.setattr(server, "_agent_heartbeat", heartbeat)
+    monkeypatch.setattr(wandb_agent.wandb, "Api", lambda *a, **k: object())
+    monkeypatch.setattr(wandb_agent.Agent, "POLL_INTERVAL", 0.2)
+    for key in ("WANDB_ENTITY", "WANDB_PROJECT", "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
+        monkeypatch.setenv(key, "placeholder")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    failures: list[int] = []
+    original_poll = wandb_agent.AgentProcess.poll
+
+    def poll(self: Any) -> Any:
+        code = original_poll(self)
+        if code is not None:
+            failures.append(code)
+        return code
+
+    monkeypatch.setattr(wandb_agent.AgentProcess, "poll", poll)
+
+    wandb_agent.run_agent("team/fedmoe-pl/sw3", count=1)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["reason"] == "SIGTERM"
+    assert 0 < summary["rounds"] < 400
+    assert failures == [0]  # the agent counts no failure, and nothing asks for the run to be handed out again
+
+
+def test_only_a_preemption_marks_a_run_preempting(tmp_path: Path) -> None:
+    from fedmoe_pl.sinks import Wandb
+
+    class Tracker(RecordingTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.preempting, self.exit_codes = 0, []
+
+        def summary(self, values: dict[str, Any]) -> None:
+            pass
+
+        def mark_preempting(self) -> None:
+            self.preempting += 1
+
+        def finish(self, exit_code: int = 0) -> None:
+            self.exit_codes.append(exit_code)
+
+    for status, preempting, code in (("stopped", 0, 0), ("interrupted", 1, 1), ("completed", 0, 0), ("failed", 0, 1)):
+        tracker = Tracker()
+        Wandb(tracker).on_run_end(None, {"status": status, "reason": None})  # type: ignore[arg-type]
+        assert (tracker.preempting, tracker.exit_codes) == (preempting, [code]), status
+
+
+def test_under_a_sweep_sigterm_is_final_and_sigusr1_a_preemption(monkeypatch) -> None:
+    import signal
+
+    from fedmoe_pl.errors import Interrupted
+    from fedmoe_pl.experiment import stop_signals
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "s")
+    monkeypatch.setenv("WANDB_RUN_ID", "r")
+    for signum, final in ((signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGUSR1, False)):
+        signals = stop_signals()
+        signals.signum = signum
+        with pytest.raises(Interrupted) as stop:
+            signals.check()
+        assert stop.value.final is final
+    monkeypatch.delenv("WANDB_SWEEP_ID")
+    signals = stop_signals()
+    signals.signum = signal.SIGTERM
+    with pytest.raises(Interrupted) as stop:
+        signals.check()
+    assert stop.value.final is False  # outside a sweep, SIGTERM is a scheduler's: resumable
+
+
 def test_sweep_run_directory_follows_the_run_id_and_resumes_when_handed_out_again(monkeypatch, tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw2")
