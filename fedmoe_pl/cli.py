@@ -115,12 +115,19 @@ def _report_parser() -> ArgumentParser:
 
 
 def _grid(cfg: Namespace) -> int:
-    from fedmoe_pl.grid import Grid, describe, run_local
+    from fedmoe_pl.grid import Grid, deduplicate, describe, run_local
 
     grid = Grid.load(cfg.grid_file)
     if cfg.output:
         grid.output = cfg.output
-    cells = grid.cells()
+    cells, left_out = deduplicate(grid.cells())
+    if left_out:
+        same = "; ".join(f"{a.name} = {b.name}" for a, b in left_out)
+        print(
+            f"fedmoe-pl grid: {len(left_out)} cells resolve to the same run config as a later cell and are left out "
+            f"(left out = kept): {same}",
+            file=sys.stderr,
+        )
     if cfg.launcher == "local":
         if cfg.dry_run:
             print(describe(cells))

@@ -183,6 +183,36 @@ def _axis_values(here: Path, axis: str, spec: Any, grid: Path) -> dict[str, list
     return values
 
 
+# Keys of a cell's resolved config that name the cell rather than change its results.
+_CELL_KEYS = ("federation.run_dir", "wandb.name", "config", "__path__")
+
+
+def deduplicate(cells: list[Cell]) -> tuple[list[Cell], list[tuple[Cell, Cell]]]:
+    """The cells without those that resolve to the same run config as a later cell, and the pairs
+    ``(left out, kept)``. The later cell wins, as a later overlay does (FedAvg's overlay sets the
+    homogeneous zoo, so its cells on a heterogeneous-zoo axis value run the homogeneous setting)."""
+    from jsonargparse import ArgumentError
+
+    from fedmoe_pl.cli import _experiment_parser, one_line
+
+    parser = _experiment_parser("a grid cell")
+    resolved = []
+    for cell in cells:
+        try:
+            cfg = parser.parse_args(cell.fit_args(resume=False))
+        except ArgumentError as err:
+            raise ValueError(f"grid cell {cell.name}: {one_line(str(err))}") from None
+        flat = cfg.clone()
+        for key in _CELL_KEYS:
+            if key in flat:
+                del flat[key]
+        resolved.append(json.dumps(flat.as_dict(), sort_keys=True, default=str))
+    last = {config: i for i, config in enumerate(resolved)}
+    kept = [cell for i, cell in enumerate(cells) if last[resolved[i]] == i]
+    left_out = [(cell, cells[last[resolved[i]]]) for i, cell in enumerate(cells) if last[resolved[i]] != i]
+    return kept, left_out
+
+
 def write_cell_file(cell: Cell) -> None:
     """Record the cell's axes in its run directory (read by ``fedmoe-pl report``)."""
     run_dir = Path(cell.run_dir)
