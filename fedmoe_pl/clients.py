@@ -9,6 +9,11 @@ version (``<cid>.r<round>.pt``, written when a round changed it); the checkpoint
 version of each client is current, so a run killed half-way through writing a round resumes from
 the versions its checkpoint names. A client that was never written is rebuilt from the random
 state it was first built with: exactly the initial weights the in-memory pool would hold.
+
+Client files survive a crash or a power loss: each is fsynced when written and its folder before
+the checkpoint that names it, and the versions the previous checkpoint names stay on disk until
+the next checkpoint is safely written, so the previous checkpoint (``previous.ckpt``) can always
+be resumed from. Temporary files a killed process left behind are removed when a store opens.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import shutil
 import tempfile
 import weakref
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +30,8 @@ from typing import Any, Protocol
 import torch
 
 from fedmoe_pl.algorithms import FederatedClient
+from fedmoe_pl.errors import RunError
+from fedmoe_pl.rundir import fsync_directory
 
 Builder = Callable[[int], FederatedClient]
 
@@ -57,8 +65,9 @@ class ClientFiles:
     """Client states as files, one per version (``<cid>.r<round>.pt``), and each client's current version.
 
     A version is written when a round changed the client. The checkpoint records the version map
-    (:meth:`snapshot`); once it is safely written (:meth:`committed`), older files are deleted, so
-    at most two versions of a client exist: the one the last checkpoint names and a newer one.
+    (:meth:`snapshot`); once it is safely written (:meth:`committed`), files that neither it nor the
+    checkpoint before it names are deleted, so at most three versions of a client exist: the ones
+    the last two checkpoints name and a newer one.
 
     Args:
         directory: where files are written; None: read only.
@@ -70,10 +79,13 @@ class ClientFiles:
         self.directory, self.fallback = directory, fallback
         self.version: dict[int, int] = {}  # cid -> round of its current file; absent: initial weights
         self.saved: dict[int, int] = {}  # the versions the last written checkpoint names
+        self.saved_before: dict[int, int] = {}  # the versions the checkpoint before it names
         self._pending: dict[int, int] = {}  # the versions of the checkpoint being written
         self._on_disk: dict[int, set[int]] = {}  # versions of each client known to be on disk
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
+                stale.unlink(missing_ok=True)
 
     def path(self, cid: int, version: int) -> Path:
         for folder in (self.directory, self.fallback):
@@ -85,7 +97,14 @@ class ClientFiles:
         """The client's current state, or None while it has its initial weights."""
         if cid not in self.version:
             return None
-        return torch.load(self.path(cid, self.version[cid]), map_location="cpu")  # type: ignore[no-any-return]
+        path = self.path(cid, self.version[cid])
+        try:
+            return torch.load(path, map_location="cpu")  # type: ignore[no-any-return]
+        except Exception as err:
+            raise RunError(
+                f"client file {str(path)!r} is damaged ({damage(path) or f'{type(err).__name__}: {err}'}); "
+                "resume the run from its previous checkpoint (--resume RUN_DIR/previous.ckpt) or start it again"
+            ) from err
 
     def write(self, cid: int, round_: int, state: dict[str, torch.Tensor]) -> None:
         if self.directory is None:
@@ -95,29 +114,35 @@ class ClientFiles:
         try:
             with os.fdopen(fd, "wb") as fh:
                 torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())  # the data is on disk before any checkpoint can name it
             os.replace(tmp, self.directory / f"{cid}.r{round_}.pt")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.version[cid] = round_
-        # Keep this version and the one the last checkpoint names; older files are unreferenced.
-        keep = {round_, self.saved.get(cid, round_)}
+        # Keep this version and those the last two checkpoints name; older files are unreferenced.
+        keep = {round_, self.saved.get(cid, round_), self.saved_before.get(cid, round_)}
         for stale in self._on_disk.get(cid, set()) - keep:
             (self.directory / f"{cid}.r{stale}.pt").unlink(missing_ok=True)
         self._on_disk[cid] = (self._on_disk.get(cid, set()) & keep) | {round_}
 
     def snapshot(self) -> dict[str, Any]:
+        """The version map a checkpoint records; the files it names are durable when this returns."""
+        if self.directory is not None:
+            fsync_directory(self.directory)  # the renames of this round's files
         self._pending = dict(self.version)
         return {"version": dict(self.version)}
 
     def committed(self) -> None:
-        self.saved = self._pending
+        self.saved_before, self.saved = self.saved, self._pending
         if self.directory is None:
             return
-        for cid, versions in self._on_disk.items():  # what no checkpoint names any more
-            for stale in versions - {self.version[cid]}:
+        for cid, versions in self._on_disk.items():  # what neither of the last two checkpoints names
+            keep = {self.version.get(cid, -1), self.saved.get(cid, -1), self.saved_before.get(cid, -1)}
+            for stale in versions - keep:
                 (self.directory / f"{cid}.r{stale}.pt").unlink(missing_ok=True)
-            self._on_disk[cid] = {self.version[cid]}
+            self._on_disk[cid] = versions & keep
 
     def restore(self, state: dict[str, Any]) -> None:
         self.version = {int(cid): int(v) for cid, v in state["version"].items()}
@@ -127,8 +152,37 @@ class ClientFiles:
                 f"the checkpoint names client files that are gone: {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
                 "the client files must stay beside the checkpoint (federation.client_store_dir)"
             )
-        self.saved = dict(self.version)
+        self.saved, self.saved_before = dict(self.version), {}
         self._on_disk = {cid: {v} for cid, v in self.version.items()}
+        if self.directory is not None:  # versions a crashed run wrote, or older ones: known, so they get deleted
+            for path in self.directory.glob("*.r*.pt"):
+                cid, _, version = path.stem.partition(".r")
+                if cid.isdigit() and version.isdigit():
+                    self._on_disk.setdefault(int(cid), set()).add(int(version))
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a client file, or None if it looks whole (a cheap check: no data is read)."""
+    if not path.exists():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one lacks its directory
+        return "truncated"
+    return None
+
+
+def damaged_files(state: Any, directory: Path) -> list[str]:
+    """The client files a checkpoint's pool state names that are missing or damaged, as ``path (why)``."""
+    if not isinstance(state, dict) or "version" not in state:
+        return []  # the checkpoint holds the clients itself
+    out = []
+    for cid, version in sorted(state["version"].items()):
+        path = directory / f"{cid}.r{version}.pt"
+        why = damage(path)
+        if why is not None:
+            out.append(f"{path} ({why})")
+    return out
 
 
 class MemoryClients:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,19 +11,21 @@ from typing import Any, TypeVar
 
 import lightning as L
 import torch
+from filelock import FileLock, Timeout
 
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.batched import BatchedExecutor
-from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients
+from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients, damaged_files
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
+from fedmoe_pl.errors import RunError
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
-from fedmoe_pl.rundir import RunDirectory
+from fedmoe_pl.rundir import PREVIOUS_CHECKPOINT, RunDirectory
 from fedmoe_pl.signals import AGENT_STOPS, StopSignals
-from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
+from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 from fedmoe_pl.trainer_settings import check_batched, trainer_kwargs
 
@@ -37,8 +40,9 @@ RESUMABLE_KEYS = (
     "federation.eval_clients",
     "federation.on_client_error",
     "federation.client_store",
+    "federation.max_empty_rounds",
     "wandb",
-    "trainer",
+    "trainer.accelerator",  # the others (precision, clipping, ...) change results
     "resume",
     "config",
 )
@@ -75,7 +79,8 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
+    # Runs from before the trainer settings were compared did not record them.
+    keys = sorted(k for k in set(saved) | set(current) if k in saved or not k.startswith("trainer."))
     return [f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
 
 
@@ -137,11 +142,15 @@ def _fit(
     if group is not None and not group.leader:
         return _train(exp, None, checkpoint, wanted, device, group, build)
     run_dir.acquire()
+    store_lock = None
     try:
         if resume is None and run_dir.holds_run():  # a run that started meanwhile, before the lock
             raise ValueError(f"run directory {str(run_dir.path)!r} already holds a run started by another process")
+        store_lock = _lock_store(exp.federation)
         return _train(exp, run_dir, checkpoint, wanted, device, group, build)
     finally:
+        if store_lock is not None:
+            store_lock.release()
         run_dir.release()
 
 
@@ -167,6 +176,7 @@ def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple
     wanted = result_config(exp.config)
     checkpoint = RunDirectory.load_checkpoint(resume) if resume else None
     if checkpoint is not None:
+        checkpoint = _intact_checkpoint(resume, checkpoint, store_directory(exp.federation))  # type: ignore[arg-type]
         diff = config_differences(checkpoint["meta"]["result_config"], wanted)
         if diff:
             raise ValueError(
@@ -189,17 +199,74 @@ def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple
     return checkpoint, wanted
 
 
-def client_pool(cfg: FederationConfig, group: ProcessGroup | None = None) -> ClientPool:
-    """The store ``federation.client_store`` names, keeping its files in ``client_store_dir``.
+def _intact_checkpoint(resume: str, checkpoint: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The checkpoint to resume from: ``checkpoint`` if every client file it names is whole, else the
+    previous one if its files are (a crash or power loss after the last one was written)."""
+    damaged = damaged_files(checkpoint["clients"], directory)
+    if not damaged:
+        return checkpoint
+    previous = RunDirectory.locate(resume) / PREVIOUS_CHECKPOINT
+    if previous.exists() and Path(resume).resolve() != previous.resolve():
+        earlier = RunDirectory.load_checkpoint(previous)
+        if not damaged_files(earlier["clients"], directory):
+            log.warning(
+                "the last checkpoint (round %d) names client files that are missing or damaged (%s); resuming "
+                "from the previous checkpoint, round %d",
+                checkpoint["round"],
+                ", ".join(damaged[:3]),
+                earlier["round"],
+            )
+            return earlier
+    raise ValueError(
+        f"refusing to resume: the checkpoint names client files that are missing or damaged: "
+        f"{', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}, and no earlier checkpoint has whole ones. "
+        "The client files must stay beside the checkpoint (federation.client_store_dir); start a new run"
+    )
 
-    Ranks after the first of a multi-process run write no files of their own there: they read
-    what a resumed checkpoint names from rank 0's folder.
+
+def store_directory(cfg: FederationConfig) -> Path:
+    """Where a run keeps its client files: ``clients`` in the run directory, or a folder of its own
+    in ``client_store_dir``, named after the run directory, so that runs sharing a store (the cells
+    of a grid) never touch each other's files."""
+    if cfg.client_store_dir is None:
+        return Path(cfg.run_dir) / "clients"
+    run = Path(cfg.run_dir).resolve()
+    return Path(cfg.client_store_dir) / f"{run.name}-{hashlib.sha1(str(run).encode()).hexdigest()[:10]}"
+
+
+def client_pool(cfg: FederationConfig, group: ProcessGroup | None = None) -> ClientPool:
+    """The store ``federation.client_store`` names, keeping its files in :func:`store_directory`.
+
+    The other ranks of a multi-process run read what a resumed checkpoint names from rank 0's
+    folder; with the disk store each keeps the clients it trains in a ``rank<k>`` folder there.
     """
-    directory = Path(cfg.client_store_dir or Path(cfg.run_dir) / "clients")
-    follower = group is not None and not group.leader
+    directory = store_directory(cfg)
+    if group is not None and not group.leader:
+        if cfg.client_store == "memory":
+            return MemoryClients(None, fallback=directory)
+        return DiskClients(directory / f"rank{group.rank}", fallback=directory)
     if cfg.client_store == "memory":
-        return MemoryClients(None, fallback=directory) if follower else MemoryClients(directory)
-    return DiskClients(None, fallback=directory) if follower else DiskClients(directory)
+        return MemoryClients(directory)
+    return DiskClients(directory)
+
+
+def _lock_store(cfg: FederationConfig) -> FileLock | None:
+    """Take a shared store's folder of this run for this process (the run directory's lock covers the default)."""
+    if cfg.client_store_dir is None:
+        return None
+    folder = store_directory(cfg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / ".lock", timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise RunError(f"the client store {str(folder)!r} is in use by another running process") from None
+    except OSError as err:
+        raise ValueError(
+            f"federation.client_store_dir {cfg.client_store_dir!r} cannot be written: {err.strerror or err}; "
+            "fix its permissions or choose another folder"
+        ) from err
+    return lock
 
 
 def build_federation(

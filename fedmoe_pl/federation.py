@@ -172,7 +172,8 @@ class Federation:
             raise RunError(
                 f"no client reported in {self.empty_streak} consecutive rounds ({first}-{self.round}; "
                 f"federation.max_empty_rounds={self.cfg.max_empty_rounds}): the clients keep failing or are "
-                "unreachable. metrics.jsonl lists them under failed and dropped; fix the cause and continue with --resume"
+                "unreachable. metrics.jsonl lists them under failed and dropped; fix the cause and continue "
+                "with --resume"
             )
 
     def _round(self, round_: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 from fedmoe_pl.errors import RunError
 
 CHECKPOINT = "last.ckpt"
+PREVIOUS_CHECKPOINT = "previous.ckpt"  # the one before: what a resume falls back to if the last one's files are lost
 CHECKPOINT_KEYS = ("format", "round", "schedule", "clients", "server", "meta", "rng")
 
 
@@ -30,20 +31,38 @@ def _write_failed(path: Path, err: OSError) -> RunError:
     )
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+def _atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any], previous: Path | None = None) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file.
+    ``previous``: where the file being replaced is kept (renamed, so one of the two always exists)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise _write_failed(path, err) from err
         raise
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames inside ``directory`` durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def finite_or_none(value: Any) -> Any:
@@ -75,7 +94,11 @@ class RunDirectory:
     def holds_run(self) -> bool:
         """Whether a run has saved state here (its round-0 checkpoint is written before any metrics) or, as
         a Flower run, which keeps no checkpoint, its metrics."""
-        return self.checkpoint_path.exists() or (self.path / "metrics.jsonl").exists()
+        return (
+            self.checkpoint_path.exists()
+            or (self.path / PREVIOUS_CHECKPOINT).exists()
+            or (self.path / "metrics.jsonl").exists()
+        )
 
     def acquire(self) -> None:
         """Create the directory and take it for this process; refuse if another process has it."""
@@ -132,7 +155,7 @@ class RunDirectory:
         self.write_text("metrics.jsonl", "".join(to_json(r) + "\n" for r in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.checkpoint_path, lambda fh: torch.save(state, fh))
+        _atomic_write_bytes(self.checkpoint_path, lambda fh: torch.save(state, fh), self.path / PREVIOUS_CHECKPOINT)
 
     @staticmethod
     def locate(path: str | Path) -> Path:
@@ -145,6 +168,8 @@ class RunDirectory:
         """Load a checkpoint from a run directory or a checkpoint file."""
         path = Path(path)
         file = path / CHECKPOINT if path.is_dir() else path
+        if path.is_dir() and not file.exists() and (path / PREVIOUS_CHECKPOINT).exists():
+            file = path / PREVIOUS_CHECKPOINT  # killed between the two renames of a checkpoint write
         if not file.exists():
             raise FileNotFoundError(
                 f"no checkpoint at {str(file)!r}; --resume takes a run directory holding "

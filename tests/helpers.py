@@ -75,14 +75,14 @@ def fashion_overlay(tmp_path: Path, root: Path, system_dir: Path) -> Path:
     return overlay(tmp_path, "fashion", {"data": {"source": source, "batch_size": 32}})
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes: to show a command changed nothing.
-
-    Empty lock files (``.lock``, ``.<dataset>.lock``) are left out: they carry nothing, and
-    deleting them on release would let two processes hold "the" lock on different files.
-    """
-    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock"))
-    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file and folder under ``folder`` (lock files included) with its bytes, None for a folder:
+    to show that a command changed nothing, not even by creating an empty folder or lock."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() or p.is_dir()
+    }
 
 
 def client_states(run: Path) -> dict[int, dict]:

@@ -38,7 +38,12 @@ def test_help_offers_only_the_trainer_settings_a_local_fit_honours(capsys) -> No
 
 @pytest.mark.parametrize(
     "setting",
-    ["--trainer.sync_batchnorm=true", "--trainer.profiler=simple", "--trainer.barebones=true", "--trainer.max_epochs=3"],
+    [
+        "--trainer.sync_batchnorm=true",
+        "--trainer.profiler=simple",
+        "--trainer.barebones=true",
+        "--trainer.max_epochs=3",
+    ],
 )
 def test_a_trainer_setting_a_local_fit_ignores_is_refused_before_anything_is_written(tmp_path, capsys, setting):
     err = _refused(["fit", "--config", str(tiny_config(tmp_path)), setting], capsys)
@@ -86,3 +91,38 @@ def test_fedmoe_pl_help_imports_neither_torch_nor_lightning() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "setting", ["--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1", "--trainer.limit_train_batches=2"]
+)
+def test_a_result_changing_trainer_setting_is_refused_on_resume(tmp_path: Path, capsys, setting: str) -> None:
+    from helpers import snapshot
+
+    config = tiny_config(tmp_path, rounds=1)
+    main(["fit", "--config", str(config)])
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--federation.rounds=2", "--resume", str(tmp_path / "run"), setting])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and setting.removeprefix("--").split("=")[0] in err
+    assert snapshot(tmp_path) == before
+
+
+def test_the_accelerator_may_change_on_resume(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, rounds=1)
+    main(["fit", "--config", str(config)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--federation.rounds=2",
+            "--resume",
+            str(tmp_path / "run"),
+            "--trainer.accelerator=auto",
+        ]
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 2

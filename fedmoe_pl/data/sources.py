@@ -9,6 +9,7 @@ augmentation possible later (see :mod:`fedmoe_pl.data.transforms`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -103,9 +104,20 @@ class _TorchvisionSource(Source):
         if not self._needs_writing():
             yield
             return
+        target, lock_file = self.root / self.folder, self.root / f".{self.name}.lock"
+        new_folders = [p for p in (target, *target.parents) if not p.exists()]  # deepest first
+        lock_existed = lock_file.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.root / f".{self.name}.lock"):
-            yield
+        try:
+            with FileLock(lock_file):
+                yield
+        except BaseException:  # a failed preparation leaves the data root as it found it
+            if not lock_existed:
+                lock_file.unlink(missing_ok=True)
+            for folder in new_folders:
+                with contextlib.suppress(OSError):  # not empty: another run wrote there meanwhile
+                    folder.rmdir()
+            raise
 
     def _needs_writing(self) -> bool:
         return self.download
