@@ -168,8 +168,28 @@ def test_fd_mse_variant_distils_toward_the_global_logits() -> None:
     assert c.regulariser(torch.zeros(2, 500), logits, y).item() == 0.0  # nothing known yet
     global_logits = torch.tensor([[3.0, 0.0, 0.0], [9.0, 9.0, 9.0], [0.0, 0.0, 0.0]])
     c.download({"means": global_logits, "counts": torch.tensor([4, 0, 1])})
-    # Only sample 0's class is known: 2 * mean((1-3)^2, 0, 0) = 2 * 4/3.
-    torch.testing.assert_close(c.regulariser(torch.zeros(2, 500), logits, y), torch.tensor(8 / 3))
+    # Only sample 0's class is known; sample 1 counts as zero in the batch mean (the published rule):
+    # 2 * ((1-3)^2 + 0 + 0 + 0 + 0 + 0) / 6 = 4/3.
+    torch.testing.assert_close(c.regulariser(torch.zeros(2, 500), logits, y), torch.tensor(4 / 3))
+
+
+def test_fedproto_counts_a_sample_of_a_class_without_prototype_as_zero_in_the_batch_mean() -> None:
+    """FedProto's published code: proto_new = protos.clone(); known rows <- global prototypes;
+    loss = mse(proto_new, protos) over the whole batch."""
+    c = client(FedProto(proto_weight=0.5), classes=3)
+    features = torch.randn(4, c.model.feature_dim, requires_grad=True)
+    protos = torch.randn(3, c.model.feature_dim)
+    c.download({"means": protos, "counts": torch.tensor([2, 0, 5])})  # class 1: nobody else holds it
+    y = torch.tensor([0, 1, 1, 2])
+    reference = features.detach().clone()
+    for i, label in enumerate(y.tolist()):
+        if label != 1:
+            reference[i] = protos[label]
+    expected = 0.5 * ((features - reference) ** 2).mean()
+    got = c.regulariser(features, torch.zeros(4, 3), y)
+    torch.testing.assert_close(got, expected)
+    (grad,) = torch.autograd.grad(got, features)
+    assert torch.equal(grad[1], torch.zeros_like(grad[1])) and grad[0].abs().sum() > 0
 
 
 def test_fedproto_regularises_toward_prototypes_and_can_classify_by_them() -> None:

@@ -51,6 +51,16 @@ class ClassTargetClient(StatsClient):
         self.known.copy_(payload["counts"] > 0)
 
 
+def _own_where_unknown(targets: torch.Tensor, values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Each sample's class target, or its own (detached) value where the class has none yet.
+
+    The published rule for classes without a global target (FedProto's code): such a sample adds
+    zero to the squared error but still counts in the batch mean, so the term does not grow as
+    fewer of a batch's classes are known. FD's KL branch follows the same rule.
+    """
+    return torch.where(known[:, None], targets, values.detach())  # (B, width)
+
+
 # -- FedGH --------------------------------------------------------------------------------------
 
 
@@ -118,11 +128,11 @@ class FDClient(ClassTargetClient):
         known = self.known[y]  # (B,) classes the server has logits for
         if not known.any():
             return logits.new_zeros(())
-        target = self.targets[y[known]]  # (b, K)
         weight = self.method.distill_weight
         if self.method.distill_loss == "mse":
-            return weight * F.mse_loss(logits[known], target)
-        return weight * kl(logits[known], target) * known.float().mean()
+            return weight * F.mse_loss(logits, _own_where_unknown(self.targets[y], logits, known))
+        # KL per known sample, averaged over the whole batch: an unknown sample counts as zero.
+        return weight * kl(logits[known], self.targets[y[known]]) * known.float().mean()
 
 
 class FD(ClassStatsAlgorithm):
@@ -130,7 +140,8 @@ class FD(ClassStatsAlgorithm):
 
     Up: per-class mean logits of the last local epoch (classes x classes) and their counts. Down:
     their sample-weighted per-class average. Clients add ``distill_weight`` (the paper's beta, 1)
-    times a distillation term between their output and the global logits of each sample's class.
+    times a distillation term between their output and the global logits of each sample's class,
+    averaged over the batch with zero for a sample whose class has no global logits yet.
     The paper's term compares the softmax distributions (``kl``, the default); ``mse`` is PFLlib's
     variant on raw logits, which diverged to NaN in round 2 of the quickstart with momentum 0.9,
     because confidently separated classes have mean logits of 30 and more.
@@ -167,7 +178,7 @@ class FedProtoClient(ClassTargetClient):
         known = self.known[y]
         if not known.any():
             return features.new_zeros(())
-        return self.method.proto_weight * F.mse_loss(features[known], self.targets[y[known]])
+        return self.method.proto_weight * F.mse_loss(features, _own_where_unknown(self.targets[y], features, known))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, logits = self.features_and_logits(x)
@@ -183,7 +194,8 @@ class FedProto(ClassStatsAlgorithm):
     Up: per-class prototypes (mean representations of the last local epoch) and their counts.
     Down: the sample-weighted global prototypes. Clients add ``proto_weight`` (the paper's lambda,
     default 1) times the mean squared distance between each representation and its class's
-    global prototype.
+    global prototype, averaged over the whole batch: a sample whose class has no prototype yet
+    adds zero (as in FedProto's code).
 
     Args:
         proto_weight: weight of the prototype regulariser.
