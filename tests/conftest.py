@@ -43,7 +43,10 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
     """A one-node Slurm cluster of this session; yields the environment its commands need."""
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+        pytest.skip(
+            f"Slurm is not installed ({', '.join(missing)} missing): run bash scripts/test.sh as root, or "
+            "apt-get install slurm-wlm munge"
+        )
     if os.geteuid() != 0:
         pytest.skip("the test Slurm cluster runs its daemons as root")
     # Directly under /tmp: munge's socket path must be short and every folder above it o+x.
