@@ -16,9 +16,12 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -26,10 +29,11 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
 from fedmoe_pl.executor import Executor, FitJob, FitOutcome
+from fedmoe_pl.rank_watch import RankWatch
 
 T = TypeVar("T")
 
-DEFAULT_PORT_BASE = 29500  # srun launches: MASTER_PORT defaults to this plus the job id modulo 1000
+DEFAULT_PORT_BASE = 29500  # srun launches without a shared folder for the rendezvous: base of a port from the ids
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,56 @@ class ProcessGroup:
             return None
         return group if group.world_size > 1 else None
 
-    def start(self, use_cuda: bool) -> None:
-        """Join the group: ``nccl`` with each rank on the GPU of its local rank, else ``gloo``."""
-        if "MASTER_ADDR" not in os.environ:  # srun: the step's first node, a port from the job id
+    def cuda_index(self) -> int:
+        """The GPU of this rank among those it sees: its local rank when it sees one per local rank,
+        else the one (or one of those) Slurm's binding or ``CUDA_VISIBLE_DEVICES`` left it."""
+        count = torch.cuda.device_count()
+        return self.local_rank if count > self.local_rank else self.local_rank % max(count, 1)
+
+    def start(self, use_cuda: bool, rendezvous_dir: str | Path | None = None) -> RankWatch:
+        """Join the group (``nccl`` with each rank on its GPU, else ``gloo``) and start the watch that
+        makes every rank stop when one fails (:mod:`fedmoe_pl.rank_watch`).
+
+        Under ``srun`` without ``MASTER_ADDR``/``MASTER_PORT``, rank 0 picks a free port on the step's
+        first node and passes it through a file in ``rendezvous_dir`` (a folder every node sees):
+        two steps or jobs on one node never share a port.
+        """
+        if "MASTER_ADDR" not in os.environ:  # srun: the step's first node
             os.environ["MASTER_ADDR"] = _first_host(os.environ.get("SLURM_STEP_NODELIST", "localhost"))
-            job = int(os.environ.get("SLURM_JOB_ID", "0"))
-            os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT_BASE + job % 1000))
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(self._rendezvous_port(rendezvous_dir))
         if use_cuda:
-            torch.cuda.set_device(self.local_rank)
+            torch.cuda.set_device(self.cuda_index())
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
             rank=self.rank,
             world_size=self.world_size,
             timeout=datetime.timedelta(minutes=30),
         )
+        if self.leader and rendezvous_dir is not None:
+            _rendezvous_file(rendezvous_dir).unlink(missing_ok=True)  # every rank has joined
+        return RankWatch(dist.distributed_c10d._get_default_store(), self.rank, self.world_size).start()
+
+    def _rendezvous_port(self, folder: str | Path | None) -> int:
+        job, step = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0") or 0)
+        if folder is None:
+            return DEFAULT_PORT_BASE + (job % 1000) * 8 + step % 8
+        path = _rendezvous_file(folder)
+        if self.leader:
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                port = int(probe.getsockname()[1])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, path)
+            return port
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if path.exists() and (text := path.read_text().strip()):
+                return int(text)
+            time.sleep(0.2)
+        raise RuntimeError(f"rank {self.rank}: rank 0 did not publish its rendezvous port in {path} within 300 s")
 
     def stop(self) -> None:
         if dist.is_initialized():
@@ -109,6 +149,11 @@ def is_leader() -> bool:
     """Whether this process speaks for the run: a single process, or rank 0 of several."""
     group = ProcessGroup.from_env()
     return group is None or group.leader
+
+
+def _rendezvous_file(folder: str | Path) -> Path:
+    job, step = os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_STEP_ID", "0")
+    return Path(folder) / f".rendezvous-{job}.{step}"
 
 
 def _first_host(nodelist: str) -> str:

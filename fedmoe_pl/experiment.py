@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from filelock import FileLock, Timeout
 
+from fedmoe_pl import rank_watch
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients, damaged_files
@@ -125,10 +127,22 @@ def fit(exp: Experiment, resume: str | None = None, build: BuildFederation | Non
         raise ValueError("a federation of remote clients runs in one process, not under torchrun or srun -n K")
     device = training_device(exp.trainer, [SingleProcessEnvironment()])
     if device.type == "cuda":
-        device = torch.device("cuda", group.local_rank)
-    group.start(use_cuda=device.type == "cuda")
+        device = torch.device("cuda", group.cuda_index())
+    watch = group.start(use_cuda=device.type == "cuda", rendezvous_dir=Path(exp.federation.run_dir).resolve().parent)
     try:
-        return _fit(exp, resume, group, device, build_federation)
+        summary = _fit(exp, resume, group, device, build_federation)
+    except Exception as err:  # every other rank must stop too, not wait in the next collective
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        print(f"fedmoe-pl fit: error: rank {group.rank} failed: {reason}; every rank stops", file=sys.stderr)
+        watch.report(reason)
+        watch.stop()
+        raise
+    except BaseException:
+        watch.stop()
+        raise
+    else:
+        watch.finish()
+        return summary
     finally:
         group.stop()
 
@@ -279,7 +293,7 @@ def build_federation(
         executor: Executor = SequentialExecutor(exp.trainer)
     else:
         gpu = torch.device(device).type == "cuda"
-        executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.local_rank] if gpu else 1)
+        executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.cuda_index()] if gpu else 1)
         evaluator = Evaluator(device, enabled=group.leader)
     if exp.federation.executor == "batched":
         executor = BatchedExecutor(device, executor, exp.trainer, max_group=exp.federation.batched_group)
@@ -335,6 +349,8 @@ def _train(
     fed = build(exp, sinks, device, group)
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
+    if (watch := rank_watch.active()) is not None:  # another rank failed: the summary says so
+        watch.hooks.append(lambda reason: run_dir.write_json("summary.json", fed.summary("failed", reason)))
     with stop_signals() as signals:
         return fed.run(signals)
 

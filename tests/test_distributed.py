@@ -134,3 +134,81 @@ def test_distributed_slurm_srun_two_tasks_give_the_single_process_run(tmp_path: 
     assert done.stdout.count("final mean client test accuracy") == 1  # rank 0 speaks for the run
     assert_same_run(tmp_path / "single", tmp_path / "multi")
     assert all(min(r["rank_train_samples"]) > 0 for r in _metrics(tmp_path / "multi"))
+
+
+# Two ranks started by hand (no torchrun agent to kill the survivors); one of them fails in round 2.
+_FAILING_RANK = """
+import os, sys
+from fedmoe_pl.federation import Federation
+if os.environ["RANK"] == os.environ["FAIL_RANK"]:
+    end_round = Federation._end_round
+    def fail_in_round_2(self, round_, record):
+        if round_ == 2:
+            raise RuntimeError("injected failure in round 2")
+        end_round(self, round_, record)
+    Federation._end_round = fail_in_round_2
+from fedmoe_pl.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_failure_on_one_rank_stops_every_rank_within_seconds(tmp_path: Path, failing: int) -> None:
+    config = tiny_config(tmp_path, rounds=6)
+    run = tmp_path / "multi"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env["FAIL_RANK"] = str(failing)
+        command = [
+            sys.executable,
+            "-c",
+            _FAILING_RANK,
+            "fit",
+            "--config",
+            str(config),
+            "--federation.run_dir",
+            str(run),
+        ]
+        procs.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    start = time.monotonic()
+    errs = []
+    try:
+        for proc in procs:
+            errs.append(proc.communicate(timeout=max(1.0, 120 - (time.monotonic() - start)))[1])
+    finally:
+        for proc in procs:
+            proc.kill()
+    elapsed = time.monotonic() - start
+    assert elapsed < 60, f"the ranks took {elapsed:.0f} s to stop"
+    assert all(proc.returncode not in (0, None) for proc in procs), [p.returncode for p in procs]
+    said = f"fedmoe-pl fit: error: rank {failing} failed: RuntimeError: injected failure in round 2; every rank stops"
+    assert said in errs[0], errs[0][-2000:]  # rank 0 speaks for the run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "injected failure" in summary["reason"]
+    assert summary["rounds"] >= 1
+    assert not list(tmp_path.glob(".rendezvous-*"))
+
+
+def test_a_rank_uses_the_gpu_its_binding_leaves_it(monkeypatch) -> None:
+    import torch
+
+    group = ProcessGroup(3, 4, 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # Slurm bound one GPU to the task
+    assert group.cuda_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # every GPU of the node visible
+    assert group.cuda_index() == 3
+
+
+def test_two_steps_of_one_job_get_different_rendezvous_ports(tmp_path: Path, monkeypatch) -> None:
+    ports = set()
+    for step in ("0", "1"):
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("SLURM_STEP_ID", step)
+        ports.add(ProcessGroup(0, 2, 0)._rendezvous_port(None))
+        published = ProcessGroup(0, 2, 0)._rendezvous_port(tmp_path)
+        assert ProcessGroup(1, 2, 1)._rendezvous_port(tmp_path) == published  # the follower reads rank 0's
+        assert (tmp_path / f".rendezvous-4242.{step}").read_text() == str(published)
+    assert len(ports) == 2
