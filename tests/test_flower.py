@@ -207,12 +207,16 @@ def test_flower_link_keeps_the_instructions_of_a_silent_client_for_its_next_mess
         assert not isinstance(out[0], Exception) and isinstance(out[1], ClientUnreachable)
         assert link.silent == {1} and [i.settings for i in link.pending[1]] == [{"energy": 0.5}]
         assert link.wire["wire_bytes_down"] == payload_bytes(a)  # what arrived: client 0's payload only
+        for _ in range(500):  # a client away for 500 rounds: what waits for it stays one payload
+            link.queue(1, Instruction(a))
+            link.exchange("train", 2, {1: RecordDict()})
+        assert len(link.pending[1]) == 1
         grid.silent.clear()
-        link.pending[1].append(Instruction(b))
-        link.exchange("evaluate", 2, {1: RecordDict()})
-        (payload_a, settings_a), (payload_b, _) = grid.received[12][-1]
-        assert settings_a == {"energy": 0.5} and torch.equal(payload_a["w"], a["w"])
-        assert torch.equal(payload_b["w"], b["w"]) and not link.pending.get(1)
+        link.queue(1, Instruction(b, {"energy": 0.7}))
+        link.exchange("evaluate", 3, {1: RecordDict()})
+        ((payload, settings),) = grid.received[12][-1]  # only what the client needs now: the latest payload
+        assert torch.equal(payload["w"], b["w"]) and settings == {"energy": 0.7}
+        assert not link.pending.get(1)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 
@@ -244,3 +248,39 @@ def test_flower_local_exits_nonzero_when_the_server_fails(tmp_path: Path) -> Non
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "the run did not complete" in done.stderr
+
+
+def test_a_fit_the_server_gave_up_on_is_rolled_back_by_its_node(tmp_path: Path) -> None:
+    """The node finished a fit after the server's timeout: the server counted it as failed, so the
+    node's next message (which says the server accepted no fit) finds the client as before it."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmoe_pl.flower import client as node
+    from fedmoe_pl.flower.wire import LINK, UPLOAD, from_record
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        config = tiny_config(tmp_path)
+        context = Context(1, 5, {"partition-id": 1}, RecordDict(), {"fit-args": f"--config {config}"})
+
+        def message(kind: str, accepted: int, **records: ConfigRecord) -> Message:
+            content = RecordDict({**records, LINK: ConfigRecord({"fits": accepted})})
+            put_instructions(content, [])
+            return Message(content, dst_node_id=5, message_type=kind, group_id="1")
+
+        fit = ConfigRecord({"round": 1, "seed": 11, "epochs": 1})
+        first = node.train(message("train", 0, fit=fit), context)  # the server timed out meanwhile
+        trained = context.state.array_records[node.STATE].to_torch_state_dict()
+        node.evaluate(message("evaluate", 0, evaluate=ConfigRecord({"score": False, "confusion": False})), context)
+        rolled_back = context.state.array_records[node.STATE].to_torch_state_dict()
+        assert any(not torch.equal(trained[k], rolled_back[k]) for k in trained)
+        assert int(context.state.config_records[node.FITS]["fits"]) == 0
+        again = node.train(message("train", 0, fit=fit), context)  # the same fit from the same state
+        for key, value in from_record(first.content.array_records[UPLOAD]).items():
+            assert torch.equal(from_record(again.content.array_records[UPLOAD])[key], value)
+        with pytest.raises(RuntimeError, match="kept 1 fits but the server accepted 3"):
+            node.train(message("train", 3, fit=fit), context)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before

@@ -11,6 +11,10 @@ Messages (``message_type``):
     train: apply the pending instructions, train one local fit (the sequential executor, with the
         round's seed), reply with the upload, the sample count and the training loss.
     evaluate: apply the pending instructions and, if asked, score the client on its test shard.
+
+Each message also says how many of this client's fits the server accepted. A fit that ended after
+the server stopped waiting for it (the node was slower than ``timeout``) was counted as failed
+there: the node then has one fit more, and rolls its client back to the state before that fit.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import shlex
 from dataclasses import dataclass
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -27,9 +32,11 @@ from fedmoe_pl.data import ClientDataModule
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import FitJob, SequentialExecutor
 from fedmoe_pl.experiment import Experiment, training_device
-from fedmoe_pl.flower.wire import REPORT, UPLOAD, number, take_instructions, to_record
+from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, number, take_instructions, to_record
 
 STATE = "fedmoe.client"  # the client's state in the node's context, between messages
+BEFORE_FIT = "fedmoe.client.before_fit"  # its state before its last fit: to roll back a fit the server gave up on
+FITS = "fedmoe.fits"  # how many fits the client has kept
 
 app = ClientApp()
 
@@ -51,9 +58,11 @@ class Site:
     exp: Experiment
     client: FederatedClient
     shard: ClientDataModule
+    fits: int  # the client's fits the server accepted
+    opened: dict[str, torch.Tensor]  # the client's state when the message arrived
 
     @classmethod
-    def open(cls, context: Context) -> Site:
+    def open(cls, context: Context, msg: Message) -> Site:
         import lightning as L
 
         from fedmoe_pl.cli import experiment_from_args
@@ -71,9 +80,19 @@ class Site:
         for earlier in range(cid):  # built and dropped: the random stream advances as in one process
             build(earlier)
         client = build(cid)
-        if STATE in context.state.array_records:
-            client.load_state_dict(context.state.array_records[STATE].to_torch_state_dict())
-        return cls(exp, client, exp.data.clients[cid])
+        kept = int(context.state.config_records[FITS]["fits"]) if FITS in context.state.config_records else 0
+        accepted = int(number(msg.content.config_records[LINK], "fits")) if LINK in msg.content.config_records else kept
+        records = context.state.array_records
+        if kept == accepted + 1 and BEFORE_FIT in records:  # a late fit the server discarded
+            client.load_state_dict(records[BEFORE_FIT].to_torch_state_dict())
+        elif kept != accepted:
+            raise RuntimeError(
+                f"client {cid} has kept {kept} fits but the server accepted {accepted}; the node's state "
+                "is not the server's (restart the run)"
+            )
+        elif STATE in records:
+            client.load_state_dict(records[STATE].to_torch_state_dict())
+        return cls(exp, client, exp.data.clients[cid], accepted, {k: v.clone() for k, v in client.state_dict().items()})
 
     def apply(self, content: RecordDict) -> int:
         """Apply the message's instructions in order; return the bytes of state they carried."""
@@ -84,8 +103,12 @@ class Site:
             self.client.configure_round(**instruction.settings)
         return received
 
-    def save(self, context: Context) -> None:
+    def save(self, context: Context, fitted: bool = False) -> None:
+        """Keep the client's state on the node; after a fit, also the state before it (for a rollback)."""
         context.state[STATE] = to_record(self.client.state_dict())
+        if fitted:
+            context.state[BEFORE_FIT] = to_record(self.opened)
+        context.state[FITS] = ConfigRecord({"fits": self.fits + int(fitted)})
 
 
 @app.query()
@@ -95,7 +118,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = Site.open(context)
+    site = Site.open(context, msg)
     received = site.apply(msg.content)
     fit = msg.content.config_records["fit"]
     job = FitJob(site.client, site.shard, seed=int(number(fit, "seed")), epochs=int(number(fit, "epochs")))
@@ -103,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
     if outcome.error is not None:
         raise outcome.error  # Flower replies with the error; the node keeps the client's state from before
     assert outcome.result is not None
-    site.save(context)
+    site.save(context, fitted=True)
     report = MetricRecord(
         {
             "num_samples": outcome.result.num_samples,
@@ -116,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = Site.open(context)
+    site = Site.open(context, msg)
     received = site.apply(msg.content)
     site.save(context)
     asked = msg.content.config_records["evaluate"]

@@ -13,7 +13,15 @@ so a Flower run is not resumed). What changes is where the clients are:
 
 A node that does not answer within ``timeout`` seconds, or that Flower reports gone, is left out of
 the round (``failed`` in the round's record) and of its evaluation (``unreachable``); the others go
-on. Each record also carries ``wire_bytes_up`` and ``wire_bytes_down``: the bytes of the arrays the
+on, whatever ``federation.on_client_error`` says, and the loop's rule for rounds in which nobody
+reported applies (``federation.max_empty_rounds``). What waits for an absent client collapses to
+what it needs now (one payload: a download replaces what a client shares, so only the latest
+matters; the round settings merged), so the queue stays bounded however long it is away. Every
+message tells the node how many of its client's fits the server has accepted; a node that finished
+a fit the server had already given up on (slower than ``timeout``) rolls its client back to the
+state before that fit, so server and node always agree on the client's state.
+
+Each record also carries ``wire_bytes_up`` and ``wire_bytes_down``: the bytes of the arrays the
 server received and the clients received, which equal the simulation's ``bytes_up``/``bytes_down``.
 
 The run config (``[tool.flwr.app.config]``, or ``flwr run ... --run-config``) holds ``fit-args``,
@@ -42,7 +50,7 @@ from fedmoe_pl.evaluation import summarize
 from fedmoe_pl.executor import FitJob, FitOutcome
 from fedmoe_pl.experiment import Experiment, fit
 from fedmoe_pl.federation import Federation, quiet_lightning
-from fedmoe_pl.flower.wire import REPORT, UPLOAD, from_record, number, put_instructions
+from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record, number, put_instructions
 from fedmoe_pl.sinks import Checkpoint, Sink
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,8 @@ class Link:
     def __init__(self, grid: Grid, num_clients: int, timeout: float) -> None:
         self.grid, self.num_clients, self.timeout = grid, num_clients, timeout
         self.node_of: dict[int, int] = {}
-        self.pending: dict[int, list[Instruction]] = defaultdict(list)
+        self.pending: dict[int, list[Instruction]] = defaultdict(list)  # at most one each (collapse)
+        self.fits: dict[int, int] = defaultdict(int)  # fits of each client whose result the server accepted
         self.wire = {"wire_bytes_up": 0, "wire_bytes_down": 0}  # of the round in progress
         self.silent: set[int] = set()  # clients that did not answer in the round in progress
 
@@ -110,6 +119,7 @@ class Link:
         sent = {cid: self.pending.pop(cid, []) for cid in contents}
         for cid, content in contents.items():
             put_instructions(content, sent[cid])
+            content[LINK] = ConfigRecord({"fits": self.fits[cid]})
         replies = self._send(kind, round_, {self.node_of[cid]: content for cid, content in contents.items()})
         out: dict[int, Message | Exception] = {}
         for cid, reply in zip(contents, replies):
@@ -117,9 +127,14 @@ class Link:
             if isinstance(reply, Message):
                 self.wire["wire_bytes_down"] += int(number(reply.content.metric_records[REPORT], "bytes_received"))
             else:
-                self.pending[cid][:0] = sent[cid]
+                if waiting := collapse([*sent[cid], *self.pending.get(cid, [])]):
+                    self.pending[cid] = waiting
                 self.silent.add(cid)
         return out
+
+    def queue(self, cid: int, instruction: Instruction) -> None:
+        """Keep an instruction for the client's next message (collapsed with what already waits)."""
+        self.pending[cid] = collapse([*self.pending.get(cid, []), instruction])
 
     def _send(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> list[Message | Exception]:
         """Push one message per node and pull the replies, each matched to its message (an error the
@@ -169,6 +184,7 @@ class FlowerExecutor:
             if isinstance(reply, Exception):
                 yield FitOutcome(cid, error=reply)
                 continue
+            self.link.fits[cid] += 1
             upload = from_record(reply.content.array_records[UPLOAD])
             report = reply.content.metric_records[REPORT]
             self.link.wire["wire_bytes_up"] += payload_bytes(upload)
@@ -206,12 +222,13 @@ class FlowerFederation(Federation):
     def _deliver(self, instructions: dict[int, Instruction]) -> int:
         """Queue each instruction for the client's next message; the bytes the simulation counts."""
         for cid, instruction in instructions.items():
-            self.link.pending[cid].append(instruction)
+            self.link.queue(cid, instruction)
         return sum(payload_bytes(i.payload) for i in instructions.values() if i.payload is not None)
 
     def _evaluate(self, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
         asked = set(ids)
-        targets = sorted(asked | (set(self.link.pending) - self.link.silent))
+        waiting = {cid for cid, queued in self.link.pending.items() if queued}
+        targets = sorted(asked | (waiting - self.link.silent))
         contents = {cid: _evaluate_message(cid in asked, confusion) for cid in targets}
         scores: dict[int, dict[str, Any] | None] = {}
         unreachable = []
@@ -226,7 +243,7 @@ class FlowerFederation(Federation):
     def _end_round(self, round_: int, record: dict[str, Any]) -> None:
         # Instructions of a round without evaluation still reach their clients now (not those of a
         # client that did not answer this round: they wait for its next message).
-        waiting = sorted(cid for cid in self.link.pending if cid not in self.link.silent)
+        waiting = sorted(cid for cid, queued in self.link.pending.items() if queued and cid not in self.link.silent)
         if waiting:
             apply_only = {cid: _evaluate_message(score=False, confusion=False) for cid in waiting}
             for cid, reply in self.link.exchange("evaluate", round_, apply_only).items():
@@ -234,6 +251,18 @@ class FlowerFederation(Federation):
                     log.warning("client %d did not receive the round's instructions: %s", cid, reply)
         record.update(self.link.wire)
         super()._end_round(round_, record)
+
+
+def collapse(instructions: list[Instruction]) -> list[Instruction]:
+    """Instructions in order as one: the latest payload (each download replaces what the client
+    shares) and the settings merged, later ones winning. Empty for none."""
+    if len(instructions) <= 1:
+        return list(instructions)
+    payload = next((i.payload for i in reversed(instructions) if i.payload is not None), None)
+    settings: dict[str, Any] = {}
+    for instruction in instructions:
+        settings.update(instruction.settings)
+    return [Instruction(payload, settings)]
 
 
 def _evaluate_message(score: bool, confusion: bool) -> RecordDict:

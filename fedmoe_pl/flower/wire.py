@@ -20,6 +20,7 @@ from fedmoe_pl.aggregation import Payload, payload_bytes
 from fedmoe_pl.algorithms import Instruction
 
 INSTRUCTIONS = "instructions"
+LINK = "link"  # what the server knows of the client: the fits it accepted
 UPLOAD = "upload"
 REPORT = "report"
 
