@@ -29,6 +29,31 @@ DESCRIPTIONS = {
     "partition": "Build the data partition of a config and report it, training nothing",
 }
 
+SHIPPED = Path(__file__).resolve().parent / "configs"  # the configs/ folder, installed with the package
+
+
+def shipped(path: str) -> str:
+    """``path`` if it is a file here, else the shipped config it names (``configs/quickstart.yaml`` or
+    ``quickstart.yaml``), so that the documented commands work from an installed package too."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return path
+    inside = Path(*given.parts[1:]) if given.parts[:1] == ("configs",) else given
+    candidate = SHIPPED / inside
+    return str(candidate) if inside.parts and candidate.is_file() else path
+
+
+def with_shipped_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config``/``-c`` value resolved by :func:`shipped`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = shipped(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + shipped(arg.removeprefix("--config="))
+    return out
+
+
 DEFAULTS = {
     "data.source": {"class_path": "fedmoe_pl.data.FashionMNIST"},
     "data.partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
@@ -173,7 +198,7 @@ def experiment_from_args(argv: list[str]) -> Experiment:
     """The experiment ``fedmoe-pl fit ARGV`` would run (without ``--resume``), for other runners such
     as the Flower apps, which take the same arguments."""
     parser = _experiment_parser("A federation's configuration")
-    return _experiment(parser, parser.parse_args(argv))
+    return _experiment(parser, parser.parse_args(with_shipped_configs(argv)))
 
 
 # Lines of jsonargparse's nested errors that repeat what the others say, or show its internals.
@@ -203,7 +228,9 @@ def subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = with_shipped_configs(sys.argv[1:] if argv is None else list(argv))
+    if len(args) > 1 and args[0] == "grid" and not args[1].startswith("-"):
+        args[1] = shipped(args[1])
     parser = build_parser(experiments=bool(args) and args[0] in EXPERIMENT_COMMANDS)
     try:
         cfg = parser.parse_args(args)

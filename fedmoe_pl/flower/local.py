@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-APP_DIR = Path(__file__).resolve().parents[2] / "experiments" / "flower"  # the Flower app (its pyproject.toml)
+APP_DIR = Path(__file__).resolve().parent / "app"  # the Flower app (its pyproject.toml), installed with the package
 HOST = "127.0.0.1"
 MARK = "FEDMOE_FLOWER_DEPLOYMENT"  # in the environment of every process of one deployment, children included
 
