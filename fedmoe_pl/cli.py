@@ -141,10 +141,12 @@ def _report_parser() -> ArgumentParser:
 
 def _grid(cfg: Namespace) -> int:
     from fedmoe_pl.grid import Grid, deduplicate, describe, run_local
+    from fedmoe_pl.rundir import make_folder
 
     grid = Grid.load(cfg.grid_file)
     if cfg.output:
         grid.output = cfg.output
+    make_folder(grid.output, "grid --output", create=False)
     cells, left_out = deduplicate(grid.cells())
     if left_out:
         same = "; ".join(f"{a.name} = {b.name}" for a, b in left_out)
@@ -172,6 +174,8 @@ def _grid(cfg: Namespace) -> int:
 def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
     from fedmoe_pl.experiment import Experiment
 
+    if not 0 <= cfg.seed_everything < 2**32:
+        raise ValueError(f"seed_everything must be an integer in [0, 2**32), got {cfg.seed_everything}")
     try:
         init = parser.instantiate(cfg)
     except (ValueError, TypeError) as err:  # a class refused its arguments; jsonargparse nests the reason

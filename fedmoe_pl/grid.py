@@ -115,6 +115,12 @@ class Grid:
             raw = yaml.safe_load(path.read_text())
         except OSError as err:
             raise FileNotFoundError(f"cannot read the grid file {str(path)!r}: {err.strerror}") from err
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ValueError(
+                f"grid file {str(path)!r} is not valid YAML{line}; fix it or give another grid file"
+            ) from None
         if not isinstance(raw, dict):
             raise ValueError(f"grid file {str(path)!r} must be a mapping with at least 'base' and 'axes'")
         known = {"name", "base", "axes", "seeds", "args", "output", "slurm"}

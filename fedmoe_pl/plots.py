@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmoe_pl.rundir import make_folder
+
 HIST_CLIENTS = 4  # clients shown in the gate-histogram figure
 
 
@@ -196,7 +198,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--output")
     written = [plot_communication(rows, out)]
     if any(r.get("mean_acc") is not None for r in rows):
         written += [plot_accuracy(rows, out), plot_client_accuracy(rows, summary, out)]

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedmoe_pl.rundir import make_folder
+
 if TYPE_CHECKING:
     from fedmoe_pl.experiment import Experiment
 
@@ -66,9 +68,10 @@ def save_heatmap(report: dict[str, Any], path: Path) -> None:
 
 def write_partition(exp: Experiment, output: Path) -> dict[str, Any]:
     """Build the data module, write ``partition.json`` and ``partition.png``, print the table."""
+    make_folder(output, "--output", create=False)  # refused before the data is loaded
     exp.data.setup(exp.seed)
     report = exp.data.report()
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output, "--output")
     (output / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
     save_heatmap(report, output / "partition.png")
     print(format_table(report))

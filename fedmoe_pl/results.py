@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from fedmoe_pl.grid import CELL_FILE
+from fedmoe_pl.rundir import make_folder
 
 FIRST = ("pfedmoe", "standalone")  # listed first; the other methods alphabetically
 
@@ -230,7 +231,7 @@ def write_report(paths: list[Path], output: Path, target: float = 0.9) -> list[d
     if not done:
         raise ValueError(f"none of the {len(runs)} runs found has completed; nothing to report")
     rows = summarise(done, target)
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output, "--output")
     (output / "report.md").write_text(markdown(rows, target, skipped))
     with open(output / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -65,6 +65,24 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def make_folder(path: str | Path, what: str, create: bool = True) -> Path:
+    """Create the folder ``path`` (``what`` names its option, e.g. ``--output``) or refuse in one line;
+    ``create=False`` only checks that nothing on the way is a file."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"{what} {str(path)!r}: {str(part)!r} is a file, not a folder; choose another {what}")
+    if not create:
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be created: {err.strerror or err}; choose another {what}"
+        ) from err
+    return path
+
+
 def finite_or_none(value: Any) -> Any:
     """``value`` with NaN and infinities replaced by ``None``, so that it is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):

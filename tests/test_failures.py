@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import assert_same_run, client_states, fashion_overlay, snapshot, tiny_config, write_idx
 
 from fedmoe_pl.cli import main
@@ -342,3 +343,86 @@ def test_an_empty_round_between_reporting_ones_is_recorded_and_the_run_completes
     assert [m["empty"] for m in metrics] == [False, True, False]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_reported"] == 6
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A folder with a finished one-round run (``done``), a plain file, an empty folder and a damaged grid file."""
+    base = tmp_path_factory.mktemp("edge")
+    config = tiny_config(base, rounds=1, run_dir=str(base / "done"))
+    main(["fit", "--config", str(config)])
+    (base / "afile").write_text("not a folder\n")
+    (base / "empty").mkdir()
+    (base / "bad_grid.yaml").write_text("base: [tiny.yaml\naxes: {\n")
+    (base / "grid.yaml").write_text(yaml.safe_dump({"base": "tiny.yaml", "axes": {}}))
+    return base
+
+
+# Beyond fit's own table: every command, wrong types and ranges, files where folders are expected.
+EDGE_INPUTS = [
+    ("partition output is a file", ["partition", "--config", "{cfg}", "--output", "{b}/afile"], "is a file"),
+    ("report output is a file", ["report", "{b}/done", "--output", "{b}/afile"], "is a file"),
+    ("plot output under a file", ["plot", "{b}/done", "--output", "{b}/afile/pictures"], "is a file"),
+    ("report of a folder without runs", ["report", "{b}/empty", "--output", "{b}/r"], "no run directory"),
+    ("plot of a folder without a run", ["plot", "{b}/empty"], "has no metrics.jsonl"),
+    ("plot of a missing folder", ["plot", "{b}/nowhere"], "has no metrics.jsonl"),
+    ("damaged grid file", ["grid", "{b}/bad_grid.yaml", "--dry-run"], "is not valid YAML"),
+    ("grid output is a file", ["grid", "{b}/grid.yaml", "--output", "{b}/afile"], "is a file"),
+    ("negative seed", ["fit", "--config", "{cfg}", "--seed_everything", "-1"], "seed_everything"),
+    ("negative gate lr", ["fit", "--config", "{cfg}", "--algorithm.init_args.gate_lr", "-1"], "gate_lr=-1.0"),
+    ("gate norm typo", ["fit", "--config", "{cfg}", "--algorithm.init_args.gate_norm", "swich"], "swich"),
+    ("float epochs", ["fit", "--config", "{cfg}", "--federation.local_epochs", "1.5"], "local_epochs"),
+    ("wandb mode typo", ["fit", "--config", "{cfg}", "--wandb.mode", "onlin"], "wandb.mode"),
+    ("zoo not a list", ["fit", "--config", "{cfg}", "--client.zoo", "cnn1"], "client.zoo"),
+    ("unknown trainer key", ["fit", "--config", "{cfg}", "--trainer.profiler", "simple"], "trainer.profiler"),
+    (
+        "data root is a file",
+        [
+            "fit",
+            "--config",
+            "{cfg}",
+            "--data.source",
+            "fedmoe_pl.data.FashionMNIST",
+            "--data.source.init_args.root",
+            "{b}/afile",
+            "--federation.run_dir",
+            "{b}/new",
+        ],
+        "is a file",
+    ),
+    (
+        "FML alpha above 1",
+        ["fit", "--config", "{cfg}", "--algorithm", "fedmoe_pl.algorithms.FML", "--algorithm.init_args.alpha", "2"],
+        "alpha=2.0",
+    ),
+    (
+        "negative prototype weight",
+        [
+            "fit",
+            "--config",
+            "{cfg}",
+            "--algorithm",
+            "fedmoe_pl.algorithms.FedProto",
+            "--algorithm.init_args.proto_weight",
+            "-1",
+        ],
+        "proto_weight",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [r[1:] for r in EDGE_INPUTS], ids=[r[0] for r in EDGE_INPUTS])
+def test_edge_inputs_of_every_command_end_in_one_line_and_leave_a_finished_run_untouched(
+    finished_run: Path, capsys, argv: list[str], message: str
+) -> None:
+    base = finished_run
+    before = snapshot(base)
+    args = [a.format(b=base, cfg=base / "tiny.yaml") for a in argv]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert snapshot(base) == before  # nothing written, not even an empty folder

@@ -9,6 +9,7 @@ run's seed and the round (:meth:`Algorithm.server_rng`) all live here, so the lo
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,20 @@ class ClientResult:
     upload: Payload
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_number(
+    method: str, name: str, value: float, low: float, high: float = math.inf, open_low: bool = False
+) -> None:
+    """Refuse a method setting outside its range, naming it (``low < value`` if ``open_low``, else ``<=``)."""
+    above = value > low if open_low else value >= low
+    if isinstance(value, bool) or not (math.isfinite(value) and above and value <= high):
+        bounds = (
+            f"{'(' if open_low else '['}{low}, {high}]"
+            if math.isfinite(high)
+            else (f"{'greater than' if open_low else 'at least'} {low}")
+        )
+        raise ValueError(f"{method} {name}={value} is out of range: it must be {bounds}")
 
 
 class Algorithm(ABC):

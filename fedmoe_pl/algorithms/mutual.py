@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
-from fedmoe_pl.algorithms.base import Algorithm, ClientResult, Instruction
+from fedmoe_pl.algorithms.base import Algorithm, ClientResult, Instruction, check_number
 from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
 from fedmoe_pl.algorithms.losses import kl
 from fedmoe_pl.models import ModelSpec, check_model_spec
@@ -96,6 +96,8 @@ class FML(MutualAlgorithm):
 
     def __init__(self, shared_model: ModelSpec = "cnn5", alpha: float = 0.5, beta: float = 0.5) -> None:
         super().__init__(shared_model)
+        check_number("FML", "alpha", alpha, 0.0, 1.0)
+        check_number("FML", "beta", beta, 0.0, 1.0)
         self.alpha, self.beta = alpha, beta
 
     def build_client(self, ctx: ClientContext) -> FMLClient:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedmoe_pl.aggregation import Payload
-from fedmoe_pl.algorithms.base import Algorithm
+from fedmoe_pl.algorithms.base import Algorithm, check_number
 from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
 from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, check_model_spec, parts
 
@@ -76,6 +76,8 @@ class PFedMoE(Algorithm):
         gate_lr: float | None = None,
     ) -> None:
         check_model_spec(global_expert)
+        if gate_lr is not None:
+            check_number("PFedMoE", "gate_lr", gate_lr, 0.0, open_low=True)
         self.global_expert = global_expert
         self.gate_hidden = gate_hidden
         self.gate_norm: GateNorm = gate_norm

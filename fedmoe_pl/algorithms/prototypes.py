@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import Payload, classwise_mean
-from fedmoe_pl.algorithms.base import Algorithm, ClientResult
+from fedmoe_pl.algorithms.base import Algorithm, ClientResult, check_number
 from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
 from fedmoe_pl.algorithms.losses import kl
 from fedmoe_pl.algorithms.model_client import StatsClient
@@ -86,6 +86,8 @@ class FedGH(Algorithm):
     """
 
     def __init__(self, server_lr: float = 0.01, server_epochs: int = 1) -> None:
+        check_number("FedGH", "server_lr", server_lr, 0.0, open_low=True)
+        check_number("FedGH", "server_epochs", server_epochs, 1)
         self.server_lr, self.server_epochs = server_lr, server_epochs
 
     def build_client(self, ctx: ClientContext) -> FedGHClient:
@@ -152,6 +154,7 @@ class FD(ClassStatsAlgorithm):
     """
 
     def __init__(self, distill_weight: float = 1.0, distill_loss: Literal["kl", "mse"] = "kl") -> None:
+        check_number("FD", "distill_weight", distill_weight, 0.0)
         if distill_loss not in ("kl", "mse"):
             raise ValueError(f"FD distill_loss={distill_loss!r}; use 'kl' or 'mse'")
         self.distill_weight, self.distill_loss = distill_weight, distill_loss
@@ -203,6 +206,7 @@ class FedProto(ClassStatsAlgorithm):
     """
 
     def __init__(self, proto_weight: float = 1.0, inference: Literal["head", "prototype"] = "head") -> None:
+        check_number("FedProto", "proto_weight", proto_weight, 0.0)
         if inference not in ("head", "prototype"):
             raise ValueError(f"FedProto inference={inference!r}; use 'head' or 'prototype'")
         self.proto_weight, self.inference = proto_weight, inference

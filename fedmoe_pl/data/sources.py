@@ -131,6 +131,10 @@ class _TorchvisionSource(Source):
         return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
 
     def load(self) -> SourceData:
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(
+                f"data root {str(self.root)!r} is a file, not a folder; point data.source.init_args.root at a folder"
+            )
         with self._preparing():
             self._prepare()
             try:
