@@ -80,7 +80,7 @@ class Site:
         for earlier in range(cid):  # built and dropped: the random stream advances as in one process
             build(earlier)
         client = build(cid)
-        kept = int(context.state.config_records[FITS]["fits"]) if FITS in context.state.config_records else 0
+        kept = int(number(context.state.config_records[FITS], "fits")) if FITS in context.state.config_records else 0
         accepted = int(number(msg.content.config_records[LINK], "fits")) if LINK in msg.content.config_records else kept
         records = context.state.array_records
         if kept == accepted + 1 and BEFORE_FIT in records:  # a late fit the server discarded
