@@ -8,6 +8,7 @@ One process at a time owns a run directory (a lock file, released by the OS if t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import torch
 from filelock import FileLock, Timeout
 
 from fedmoe_pl.errors import RunError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.ckpt"
 PREVIOUS_CHECKPOINT = "previous.ckpt"  # the one before: what a resume falls back to if the last one's files are lost
@@ -197,6 +200,10 @@ class RunDirectory:
             state = torch.load(file, map_location="cpu", weights_only=False)
             missing = [key for key in CHECKPOINT_KEYS if key not in state]
         except Exception as err:
+            previous = path / PREVIOUS_CHECKPOINT
+            if path.is_dir() and file != previous and previous.exists():  # a crash damaged the last one
+                log.warning("%s cannot be read (%s); resuming from %s", file, type(err).__name__, previous.name)
+                return RunDirectory.load_checkpoint(previous)
             raise ValueError(
                 f"checkpoint {str(file)!r} cannot be read ({type(err).__name__}: {err}); it is damaged. "
                 "Start a new run (another --federation.run_dir)"

@@ -215,3 +215,15 @@ def test_follower_ranks_keep_their_disk_store_beside_rank_zero_s(tmp_path) -> No
     assert isinstance(pool, DiskClients)
     assert pool.directory == store_directory(cfg) / "rank1"
     assert str(pool.directory).startswith(str(tmp_path))
+
+
+def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tmp_path, caplog) -> None:
+    config = tiny_config(tmp_path, rounds=3)
+    _fit(config, tmp_path / "straight")
+    run = tmp_path / "run"
+    _fit(config, run, "--federation.rounds", "2")
+    last = run / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # power loss: the last checkpoint cut short
+    _fit(config, run, "--federation.rounds", "3", "--resume", str(run))
+    assert "resuming from previous.ckpt" in caplog.text
+    assert_same_run(tmp_path / "straight", run)
