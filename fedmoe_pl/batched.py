@@ -36,6 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.executor import Executor, FitJob, FitOutcome, SequentialExecutor, diverged
+from fedmoe_pl.stacked_sgd import StackedSGD, clip_like_torch, clip_stacked, stack_index
 from fedmoe_pl.trainer_settings import StepRules, check_batched
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class BatchedExecutor:
         stacked_params, stacked_buffers = stack_module_state([_Loss(c) for c in clients])  # copies
         params = {name: p.detach().to(self.device).requires_grad_(True) for name, p in stacked_params.items()}
         buffers = {name: b.to(self.device) for name, b in stacked_buffers.items()}
-        sgd = _StackedSGD(params, lr, weight_decay, momentum)
+        sgd = StackedSGD(params, lr, weight_decay, momentum)
         accumulated: list[torch.Tensor | None] = [None] * len(params)  # summed gradients, (G, ...) each
         loss_sum = torch.zeros(len(clients), device=self.device)
         for t in range(max(steps, default=0)):
@@ -203,7 +204,7 @@ class BatchedExecutor:
         # Clipping sees the parameters in the order of the client's optimizer, as Lightning's does.
         order = {id(p): i for i, p in enumerate(p for g in wrapped.client.param_groups() for p in g["params"])}
         clip_order = sorted(params.values(), key=lambda p: order.get(id(p), len(order)))
-        sgd = _StackedSGD(params, lr, weight_decay, momentum)
+        sgd = StackedSGD(params, lr, weight_decay, momentum)
         rules = self.rules
         summed: list[torch.Tensor | None] = [None] * len(params)
         loss_sum = torch.zeros((), device=self.device)
@@ -216,7 +217,7 @@ class BatchedExecutor:
             if rules.steps_after(t % per_epoch, per_epoch):
                 with torch.no_grad():
                     if rules.clip_val is not None:
-                        summed = _clip_like_torch(list(params.values()), summed, clip_order, rules)
+                        summed = clip_like_torch(list(params.values()), summed, clip_order, rules)
                     sgd.step(summed, None)
                 summed = [None] * len(params)
             if t >= last_epoch:
@@ -237,7 +238,7 @@ class BatchedExecutor:
         shell: nn.Module,
         params: dict[str, torch.Tensor],
         buffers: dict[str, torch.Tensor],
-        sgd: _StackedSGD,
+        sgd: StackedSGD,
         members: list[int],
         stepping: list[int],
         accumulated: list[torch.Tensor | None],
@@ -248,7 +249,7 @@ class BatchedExecutor:
         without accumulation). Returns the members' losses scattered into a (G,) vector."""
         count = next(iter(params.values())).shape[0]
         rules = self.rules
-        index = _index(members, count, self.device)
+        index = stack_index(members, count, self.device)
         p = params if index is None else {name: v.index_select(0, index) for name, v in params.items()}
         b = buffers if index is None else {name: v.index_select(0, index) for name, v in buffers.items()}
         losses = vmap(lambda p_, b_, x_, y_: self._loss(shell, p_, b_, x_, y_))(p, b, x, y)  # (G',)
@@ -269,7 +270,7 @@ class BatchedExecutor:
                     acc = accumulated[i]
                     assert acc is not None
                     acc.add_(g) if index is None else acc.index_add_(0, index, g)
-                step_index = _index(stepping, count, self.device)
+                step_index = stack_index(stepping, count, self.device)
                 grads = [
                     None if a is None else a.clone() if step_index is None else a.index_select(0, step_index)
                     for a in accumulated
@@ -279,7 +280,7 @@ class BatchedExecutor:
                         a.zero_() if step_index is None else a.index_fill_(0, step_index, 0.0)
             if stepping:
                 if rules.clip_val is not None:
-                    _clip_stacked(grads, rules)
+                    clip_stacked(grads, rules)
                 sgd.step(grads, step_index)
         out = torch.zeros(count, device=self.device)
         out[members] = losses.detach().float()
@@ -295,93 +296,6 @@ class BatchedExecutor:
                 by_id[id(param)] = group.get("lr", cfg.lr)
         lr = {f"client.{name}": by_id[id(p)] for name, p in client.named_parameters()}
         return lr, cfg.weight_decay, cfg.momentum
-
-
-class _StackedSGD:
-    """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov) over stacked clients.
-
-    Each update is elementwise, so a stacked tensor gets exactly the update each client's own
-    optimizer would give it. ``index`` restricts a step to some clients; the others keep their
-    parameters and momentum, as if they had not stepped at all.
-    """
-
-    def __init__(self, params: dict[str, torch.Tensor], lr: dict[str, float], weight_decay: float, momentum: float):
-        self.names = list(params)
-        self.params = [params[n] for n in self.names]
-        self.lr = [lr[n] for n in self.names]
-        self.weight_decay, self.momentum = weight_decay, momentum
-        # Zero momentum makes the first step's buffer the gradient itself, as SGD's first step sets it.
-        self.velocity = [torch.zeros_like(p) for p in self.params] if momentum else []
-
-    def step(self, grads: Sequence[torch.Tensor | None], index: torch.Tensor | None) -> None:
-        # A parameter without a gradient is skipped, as torch.optim.SGD skips it: no decay, no momentum.
-        active = [k for k, g in enumerate(grads) if g is not None]
-        if not active:
-            return
-        if index is None:  # every client steps: multi-tensor ops, as SGD's foreach path does
-            params = [self.params[k] for k in active]
-            d: list[torch.Tensor] = [grads[k] for k in active]  # type: ignore[misc]
-            if self.weight_decay:
-                d = list(torch._foreach_add(d, params, alpha=self.weight_decay))
-            if self.momentum:
-                velocity = [self.velocity[k] for k in active]
-                torch._foreach_mul_(velocity, self.momentum)
-                torch._foreach_add_(velocity, d)
-                d = velocity
-            by_lr: dict[float, list[int]] = {}
-            for i, k in enumerate(active):
-                by_lr.setdefault(self.lr[k], []).append(i)
-            for lr, members in by_lr.items():
-                torch._foreach_add_([params[i] for i in members], [d[i] for i in members], alpha=-lr)
-            return
-        for k in active:
-            param, grad = self.params[k], grads[k]
-            assert grad is not None
-            value = param.index_select(0, index)
-            step = grad.add(value, alpha=self.weight_decay) if self.weight_decay else grad
-            if self.momentum:
-                step = self.velocity[k].index_select(0, index).mul_(self.momentum).add_(step)
-                self.velocity[k].index_copy_(0, index, step)
-            param.index_copy_(0, index, value.add(step, alpha=-self.lr[k]))
-
-
-def _index(members: list[int], count: int, device: torch.device) -> torch.Tensor | None:
-    """The index of some clients of a stack; None when it is all of them."""
-    return None if len(members) == count else torch.tensor(members, device=device, dtype=torch.long)
-
-
-def _clip_like_torch(
-    params: list[torch.Tensor], grads: list[torch.Tensor | None], order: list[torch.Tensor], rules: StepRules
-) -> list[torch.Tensor | None]:
-    """One client's gradients clipped by the very function Lightning's ``clip_gradients`` calls."""
-    for param, grad in zip(params, grads):
-        param.grad = grad
-    assert rules.clip_val is not None
-    if rules.clip_algorithm == "value":
-        torch.nn.utils.clip_grad_value_(order, rules.clip_val)
-    else:
-        torch.nn.utils.clip_grad_norm_(order, rules.clip_val)
-    clipped = [param.grad for param in params]
-    for param in params:
-        param.grad = None
-    return clipped
-
-
-def _clip_stacked(grads: list[torch.Tensor | None], rules: StepRules) -> None:
-    """Clip every client's gradients in a stack, in place: each client by its own total norm."""
-    assert rules.clip_val is not None
-    present = [g for g in grads if g is not None]
-    if not present:
-        return
-    if rules.clip_algorithm == "value":
-        for g in present:
-            g.clamp_(-rules.clip_val, rules.clip_val)
-        return
-    norms = torch.stack([g.flatten(1).float().norm(dim=1) for g in present])  # (P, G)
-    total = torch.linalg.vector_norm(norms, dim=0)  # (G,)
-    coef = (rules.clip_val / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
-    for g in present:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
 
 
 def _write_back(client: FederatedClient, tensors: dict[str, torch.Tensor]) -> None:
