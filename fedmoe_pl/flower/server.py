@@ -151,7 +151,7 @@ class Link:
             for pulled in self.grid.pull_messages(waiting):
                 replies[sent[pulled.metadata.reply_to_message_id]] = pulled
             if len(replies) < len(sent):
-                time.sleep(POLL_S)
+                time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
         out: list[Message | Exception] = []
         for node in contents:
             reply = replies.get(node)
