@@ -66,11 +66,18 @@ def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, 
         for name, value in expected[k].items():
             moved = (value.float() - start[k][name].float()).abs().max()
             assert moved > 0 or "running" in name or value.dtype == torch.long  # training changed it
-            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"client {k} {name}")
+            if max_group == 1:  # the sequential step op for op: equal to the bit
+                assert torch.equal(got[name], value), f"client {k} {name}"
+            else:  # stacked under vmap: float rounding only
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"client {k} {name}")
         seq_result = sequential[k].result
         assert seq_result is not None
         assert batched[k].result.num_samples == seq_result.num_samples
-        assert batched[k].result.metrics["train_loss"] == pytest.approx(seq_result.metrics["train_loss"], rel=1e-5)
+        loss = seq_result.metrics["train_loss"]
+        if max_group == 1:
+            assert batched[k].result.metrics["train_loss"] == loss
+        else:
+            assert batched[k].result.metrics["train_loss"] == pytest.approx(loss, rel=1e-5)
         for name, value in seq_result.upload.items():
             torch.testing.assert_close(batched[k].result.upload[name], value, rtol=1e-5, atol=1e-6)
 
