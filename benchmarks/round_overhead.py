@@ -112,24 +112,23 @@ def plain_round(clients, data, seed: int, sampled: list[int], device: torch.devi
     return time.perf_counter() - start, sum(accs) / len(accs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--executors", nargs="+", default=["sequential", "batched"], choices=["sequential", "batched"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("fit_args", nargs="*", help="more fit arguments, after --")
-    args = parser.parse_args()
-    quiet_lightning()
-    device = torch.device(args.device)
+def measure(
+    config: str, fit_args: list[str], executors: list[str], device: torch.device, repeats: int = 2
+) -> dict[str, Any]:
+    """Time one round of the plain loop and of each executor (best of ``repeats``, after a warm-up pass).
+
+    Returns the setting (clients, clients a round, SGD steps) and per side: seconds, rounds/s,
+    client-epochs/s, mean GPU utilisation, peak GPU memory (bytes) and the round's mean accuracy.
+    """
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     cli = build_parser()
-    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in args.executors}}
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in executors}}
     utilisation: dict[str, list[float | None]] = {name: [] for name in times}
+    peak: dict[str, int] = dict.fromkeys(times, 0)
     accuracy: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["fit", "--config", args.config, "--federation.rounds", "1", "--federation.run_dir", tmp]
-        cfg = cli.parse_args([*argv, "--trainer.accelerator", accelerator, *args.fit_args])
+        argv = ["fit", "--config", config, "--federation.rounds", "1", "--federation.run_dir", tmp]
+        cfg = cli.parse_args([*argv, "--trainer.accelerator", accelerator, *fit_args])
         exp = _experiment(subcommand_parser(cli, "fit"), cfg.fit)
         torch.manual_seed(exp.seed)
         exp.data.setup(exp.seed)
@@ -143,31 +142,34 @@ def main() -> None:
         initial = [copy.deepcopy(c.state_dict()) for c in fed.clients]
         initial_server = copy.deepcopy(server.state_dict())
         sampled = fed.schedule[0]
-        executors: dict[str, Callable[[], Executor]] = {
+        makers: dict[str, Callable[[], Executor]] = {
             "sequential": lambda: SequentialExecutor(exp.trainer),
             "batched": lambda: BatchedExecutor(device, SequentialExecutor(exp.trainer), exp.trainer),
         }
         steps = sum(len(exp.data.clients[k].train_dataloader()) for k in sampled)
-        for repeat in range(args.repeats + 1):  # the first pass warms up caches and lazy imports
+        for repeat in range(repeats + 1):  # the first pass warms up caches and lazy imports
             plain_clients = [copy.deepcopy(c) for c in fed.clients]
             for c, s in zip(plain_clients, initial):
                 c.load_state_dict(s)
             gc.collect()
+            _reset_peak(device)
             with Utilisation(device) as busy:
                 seconds, accuracy["plain"] = plain_round(plain_clients, exp.data, exp.seed, sampled, device)
             del plain_clients
             if repeat:
                 times["plain"].append(seconds)
                 utilisation["plain"].append(busy.mean)
-            order = args.executors[repeat % len(args.executors) :] + args.executors[: repeat % len(args.executors)]
+                peak["plain"] = max(peak["plain"], _peak(device))
+            order = executors[repeat % len(executors) :] + executors[: repeat % len(executors)]
             for name in order:  # each executor goes first in turn
                 # visit: the reset is not a change a round made, so the round writes only its own clients
                 for c, s in zip(fed.clients.visit(range(len(initial))), initial):
                     c.load_state_dict(s)
                 server.load_state_dict(copy.deepcopy(initial_server))
                 fed.round, fed.final, fed.best = 0, None, None
-                fed.executor = executors[name]()
+                fed.executor = makers[name]()
                 gc.collect()
+                _reset_peak(device)
                 with Utilisation(device) as busy:
                     start = time.perf_counter()
                     accuracy[name] = fed.run()["final_mean_acc"]
@@ -175,22 +177,61 @@ def main() -> None:
                 if repeat:
                     times[name].append(seconds)
                     utilisation[name].append(busy.mean)
-    print(
-        f"config={args.config} {' '.join(args.fit_args)}: {len(fed.clients)} clients, {len(sampled)} a round, "
-        f"{steps} SGD steps per round, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-        f" ({torch.get_num_threads()} threads), best of {args.repeats}"
-    )
-    plain = min(times["plain"])
+                    peak[name] = max(peak[name], _peak(device))
+        run_dir.release()
+    epochs = len(sampled) * exp.federation.local_epochs
+    sides = {}
     for name, values in times.items():
         best = min(values)
         used = [u for u in utilisation[name] if u is not None]
-        busy = f", GPU busy {sum(used) / len(used):5.1f} %" if used else ""
+        sides[name] = {
+            "seconds": best,
+            "rounds_per_s": 1 / best,
+            "client_epochs_per_s": epochs / best,
+            "gpu_util_percent": sum(used) / len(used) if used else None,
+            "peak_gpu_bytes": peak[name] if device.type == "cuda" else None,
+            "time_over_plain": best / min(times["plain"]),
+            "mean_acc": accuracy[name],
+        }
+    return {"clients": len(fed.clients), "per_round": len(sampled), "steps": steps, "sides": sides}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--executors", nargs="+", default=["sequential", "batched"], choices=["sequential", "batched"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("fit_args", nargs="*", help="more fit arguments, after --")
+    args = parser.parse_args()
+    quiet_lightning()
+    device = torch.device(args.device)
+    result = measure(args.config, args.fit_args, args.executors, device, args.repeats)
+    print(
+        f"config={args.config} {' '.join(args.fit_args)}: {result['clients']} clients, {result['per_round']} a round, "
+        f"{result['steps']} SGD steps per round, device "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        f" ({torch.get_num_threads()} threads), best of {args.repeats}"
+    )
+    for name, side in result["sides"].items():
+        busy = f", GPU busy {side['gpu_util_percent']:5.1f} %" if side["gpu_util_percent"] is not None else ""
         print(
-            f"{name:10s} round {best:7.3f} s  ({1 / best:6.2f} rounds/s){busy}  time / plain {best / plain:6.3f}  "
-            f"mean accuracy {accuracy[name]:.4f}"
+            f"{name:10s} round {side['seconds']:7.3f} s  ({side['rounds_per_s']:6.2f} rounds/s){busy}  "
+            f"time / plain {side['time_over_plain']:6.3f}  mean accuracy {side['mean_acc']:.4f}"
         )
-    if "sequential" in times and "batched" in times:
-        print(f"batched rounds/s over sequential: {min(times['sequential']) / min(times['batched']):.3f}")
+    sides = result["sides"]
+    if "sequential" in sides and "batched" in sides:
+        print(f"batched rounds/s over sequential: {sides['sequential']['seconds'] / sides['batched']['seconds']:.3f}")
 
 
 if __name__ == "__main__":

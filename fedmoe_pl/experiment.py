@@ -29,7 +29,7 @@ from fedmoe_pl.signals import AGENT_STOPS, StopSignals
 from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
-from fedmoe_pl.trainer_settings import check_batched, trainer_kwargs
+from fedmoe_pl.trainer_settings import batched_refusals, check_batched, trainer_kwargs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -283,6 +283,12 @@ def _lock_store(cfg: FederationConfig) -> FileLock | None:
     return lock
 
 
+def uses_batched(executor: str, device: torch.device, trainer: dict[str, Any]) -> bool:
+    """Whether ``federation.executor`` means the batched executor here: ``batched``, or ``auto`` on a GPU
+    with Trainer settings the batched executor honours (else ``auto`` is the sequential executor)."""
+    return executor == "batched" or (executor == "auto" and device.type == "cuda" and not batched_refusals(trainer))
+
+
 def build_federation(
     exp: Experiment, sinks: Sequence[Sink] = (), device: Any = "cpu", group: ProcessGroup | None = None
 ) -> Federation:
@@ -295,7 +301,7 @@ def build_federation(
         gpu = torch.device(device).type == "cuda"
         executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.cuda_index()] if gpu else 1)
         evaluator = Evaluator(device, enabled=group.leader)
-    if exp.federation.executor == "batched":
+    if uses_batched(exp.federation.executor, torch.device(device), exp.trainer):
         executor = BatchedExecutor(device, executor, exp.trainer, max_group=exp.federation.batched_group)
     if group is not None:
         executor = DistributedExecutor(executor, group)

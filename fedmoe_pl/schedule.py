@@ -42,7 +42,9 @@ class FederationConfig:
             directory). It must stay beside the run's checkpoint to resume.
         executor: how a round's clients train: ``sequential`` (a Lightning Trainer per client, in
             turn) or ``batched`` (the clients of one architecture stacked and trained together,
-            one step for all; :mod:`fedmoe_pl.batched`). Both give the same parameters up to float
+            one step for all; :mod:`fedmoe_pl.batched`) or ``auto`` (batched on a GPU when the
+            ``trainer`` settings allow it, sequential otherwise; not yet the default, as the batched
+            path is still to be measured on a GPU). Both give the same parameters up to float
             rounding; methods whose clients are not batchable train sequentially either way.
         batched_group: the most clients the batched executor stacks in one step (default: every
             client of an architecture on a GPU, one on a CPU, where stacking does not pay).
@@ -61,7 +63,7 @@ class FederationConfig:
     dropout: float = 0.0
     client_store: Literal["memory", "disk"] = "memory"
     client_store_dir: str | None = None
-    executor: Literal["sequential", "batched"] = "sequential"
+    executor: Literal["sequential", "batched", "auto"] = "sequential"
     batched_group: int | None = None
     max_empty_rounds: int = 3
 
@@ -78,8 +80,8 @@ class FederationConfig:
             raise ValueError(f"federation.dropout is a probability in [0, 1), got {self.dropout}")
         if self.client_store not in ("memory", "disk"):
             raise ValueError(f"federation.client_store must be 'memory' or 'disk', got {self.client_store!r}")
-        if self.executor not in ("sequential", "batched"):
-            raise ValueError(f"federation.executor must be 'sequential' or 'batched', got {self.executor!r}")
+        if self.executor not in ("sequential", "batched", "auto"):
+            raise ValueError(f"federation.executor must be 'sequential', 'batched' or 'auto', got {self.executor!r}")
         if self.batched_group is not None and self.batched_group < 1:
             raise ValueError(f"federation.batched_group must be a positive number of clients, got {self.batched_group}")
         if self.max_empty_rounds < 1:

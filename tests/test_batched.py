@@ -293,3 +293,18 @@ def test_a_stacked_group_that_cannot_vmap_trains_one_at_a_time_and_a_failure_sta
         if k != 1:
             assert outcome.error is None and outcome.result is not None, outcome.error
             assert torch.equal(fed.clients.clients[k].model.unused, torch.ones(3))
+
+
+def test_auto_means_batched_on_a_gpu_when_the_settings_allow_it_and_sequential_otherwise() -> None:
+    from fedmoe_pl.experiment import uses_batched
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_batched("auto", cuda, {}) and uses_batched("auto", cuda, {"precision": "bf16-mixed"})
+    assert not uses_batched("auto", cuda, {"precision": "16-mixed"})  # the sequential executor honours it
+    assert not uses_batched("auto", cpu, {}) and not uses_batched("sequential", cuda, {})
+    assert uses_batched("batched", cpu, {})
+
+
+def test_auto_on_the_cpu_trains_with_the_sequential_executor(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, "standalone", "--federation.executor", "auto")
+    assert isinstance(fed.executor, SequentialExecutor)
