@@ -9,6 +9,7 @@ finished runs and ``plot`` draws one run's pictures.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -222,6 +223,19 @@ def one_line(message: str) -> str:
     return " ".join(kept).rstrip(".")
 
 
+def _given(message: str, args: list[str]) -> str:
+    """`` (got VALUE)`` when the parser's message names a key but not the value given for it."""
+    if "Got value" in message or not (found := re.search(r'Parser key "([^"]+)"', message)):
+        return ""
+    flag = f"--{found.group(1)}"
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return f" (got {arg.split('=', 1)[1]!r})"
+        if arg == flag and i + 1 < len(args):
+            return f" (got {args[i + 1]!r})"
+    return ""
+
+
 def parser_commands(parser: ArgumentParser) -> list[str]:
     return list(parser._subcommands_action._name_parser_map)  # type: ignore[union-attr]
 
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     except ArgumentError as err:
         command = args[0] if args and args[0] in parser_commands(parser) else None
         where = f"fedmoe-pl {command}" if command else "fedmoe-pl"
-        print(f"{where}: error: {one_line(str(err))}. See: {where} --help", file=sys.stderr)
+        print(f"{where}: error: {one_line(str(err))}{_given(str(err), args)}. See: {where} --help", file=sys.stderr)
         raise SystemExit(2) from None
     command = cfg.subcommand
     sub_parser = subcommand_parser(parser, command)

@@ -372,7 +372,7 @@ EDGE_INPUTS = [
     ("negative gate lr", ["fit", "--config", "{cfg}", "--algorithm.init_args.gate_lr", "-1"], "gate_lr=-1.0"),
     ("gate norm typo", ["fit", "--config", "{cfg}", "--algorithm.init_args.gate_norm", "swich"], "swich"),
     ("float epochs", ["fit", "--config", "{cfg}", "--federation.local_epochs", "1.5"], "local_epochs"),
-    ("wandb mode typo", ["fit", "--config", "{cfg}", "--wandb.mode", "onlin"], "wandb.mode"),
+    ("wandb mode typo", ["fit", "--config", "{cfg}", "--wandb.mode", "onlin"], "(got 'onlin')"),
     ("zoo not a list", ["fit", "--config", "{cfg}", "--client.zoo", "cnn1"], "client.zoo"),
     ("unknown trainer key", ["fit", "--config", "{cfg}", "--trainer.profiler", "simple"], "trainer.profiler"),
     (
