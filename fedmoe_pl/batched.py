@@ -201,9 +201,10 @@ class BatchedExecutor:
         copy of the client, with no stacking or functional call."""
         wrapped = _Loss(copy.deepcopy(client)).to(self.device).train()
         params: dict[str, torch.Tensor] = dict(wrapped.named_parameters())
+        tensors = list(params.values())
         # Clipping sees the parameters in the order of the client's optimizer, as Lightning's does.
         order = {id(p): i for i, p in enumerate(p for g in wrapped.client.param_groups() for p in g["params"])}
-        clip_order = sorted(params.values(), key=lambda p: order.get(id(p), len(order)))
+        clip_order = sorted(tensors, key=lambda p: order.get(id(p), len(order)))
         sgd = StackedSGD(params, lr, weight_decay, momentum)
         rules = self.rules
         summed: list[torch.Tensor | None] = [None] * len(params)
@@ -212,12 +213,12 @@ class BatchedExecutor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = wrapped(x, y)
             scaled = loss / rules.accumulate if rules.accumulate > 1 else loss
-            grads = torch.autograd.grad(scaled, list(params.values()), allow_unused=True)
+            grads = torch.autograd.grad(scaled, tensors, allow_unused=True)
             summed = [g if s is None else s if g is None else s + g for s, g in zip(summed, grads)]
             if rules.steps_after(t % per_epoch, per_epoch):
                 with torch.no_grad():
                     if rules.clip_val is not None:
-                        summed = clip_like_torch(list(params.values()), summed, clip_order, rules)
+                        summed = clip_like_torch(tensors, summed, clip_order, rules)
                     sgd.step(summed, None)
                 summed = [None] * len(params)
             if t >= last_epoch:

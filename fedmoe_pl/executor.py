@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.data import ClientDataModule
-from fedmoe_pl.trainer_settings import StepRules, trainer_kwargs
+from fedmoe_pl.trainer_settings import StepRules, lightning_kwargs
 
 
 @dataclass
@@ -77,6 +77,7 @@ class SequentialExecutor:
     ) -> None:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.step_rules = StepRules.from_trainer(self.trainer_kwargs)
+        self._lightning_kwargs = lightning_kwargs(self.trainer_kwargs)
         self.devices = devices
         # Under Slurm, Lightning would save and requeue a single local fit on SIGUSR1; the
         # federation keeps its own checkpoints and requeues itself (fedmoe_pl.slurm).
@@ -104,7 +105,7 @@ class SequentialExecutor:
         job.data.shuffle_seed = job.seed
         job.client.step_rules = self.step_rules
         trainer = L.Trainer(
-            **trainer_kwargs(self.trainer_kwargs),
+            **self._lightning_kwargs,
             devices=self.devices,
             max_epochs=job.epochs,
             logger=False,

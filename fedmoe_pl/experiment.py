@@ -29,7 +29,7 @@ from fedmoe_pl.signals import AGENT_STOPS, StopSignals
 from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
-from fedmoe_pl.trainer_settings import batched_refusals, check_batched, trainer_kwargs
+from fedmoe_pl.trainer_settings import batched_refusals, check_batched, lightning_kwargs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,7 +94,7 @@ def training_device(trainer: dict[str, Any], plugins: Sequence[Any] = ()) -> tor
     """
     try:
         probe = L.Trainer(
-            **trainer_kwargs(trainer),
+            **lightning_kwargs(trainer),
             devices=1,
             plugins=list(plugins),
             logger=False,

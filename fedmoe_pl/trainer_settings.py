@@ -121,13 +121,9 @@ class StepRules:
         return (position + 1) % self.accumulate == 0 or position + 1 == epoch_batches
 
 
-def trainer_kwargs(trainer: dict[str, Any]) -> dict[str, Any]:
+def lightning_kwargs(trainer: dict[str, Any]) -> dict[str, Any]:
     """The settings a sequential fit passes to ``lightning.Trainer`` (the step's own are left out)."""
     return {k: v for k, v in trainer.items() if k not in STEP_KEYS}
-
-
-def unknown_settings(trainer: dict[str, Any]) -> list[str]:
-    return sorted(set(trainer) - set(TRAINER_KEYS))
 
 
 # What the batched executor honours besides the step rules: the device and these precisions.

@@ -280,12 +280,9 @@ def test_stacked_clients_leave_a_parameter_without_gradient_alone_and_keep_non_p
 def test_a_stacked_group_that_cannot_vmap_trains_one_at_a_time_and_a_failure_stays_with_its_client(
     tmp_path: Path, caplog
 ) -> None:
-    import test_batched
-
     fed = _noisy_federation(tmp_path, dropout=0.2)
     broken = fed.clients.clients[1]
     broken.training_loss = lambda x, y: (_ for _ in ()).throw(RuntimeError("client 1 is broken"))  # type: ignore[method-assign]
-    assert test_batched._NoisyCNN is _NoisyCNN
     outcomes = list(BatchedExecutor("cpu", max_group=6).fit([fed._job(cid, 1) for cid in range(len(fed.clients))]))
     assert "train one at a time" in caplog.text
     assert isinstance(outcomes[1].error, RuntimeError) and "client 1 is broken" in str(outcomes[1].error)
