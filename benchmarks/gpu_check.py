@@ -103,7 +103,10 @@ def timings(dry_run: bool, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, args in settings(dry_run).items():
         start = time.perf_counter()
-        fp32 = measure(CONFIG, args, ["sequential", "batched"], device, repeats)
+        executors = ["sequential", "batched"]
+        if name == "n100_c1.0":  # does stacking pFedMoE's common parts across architectures pay?
+            executors.append("batched_per_architecture")
+        fp32 = measure(CONFIG, args, executors, device, repeats)
         bf16 = measure(CONFIG, [*args, "--trainer.precision", "bf16-mixed"], ["batched"], device, repeats)
         sides = {**fp32["sides"], "batched_bf16": bf16["sides"]["batched"]}
         out[name] = {
@@ -112,6 +115,14 @@ def timings(dry_run: bool, device: torch.device) -> dict[str, Any]:
             "batched_over_plain_speedup": sides["plain"]["seconds"] / sides["batched"]["seconds"],
             "sequential_over_plain": sides["sequential"]["seconds"] / sides["plain"]["seconds"],
             "bf16_over_fp32_speedup": sides["batched"]["seconds"] / sides["batched_bf16"]["seconds"],
+            **(
+                {
+                    "across_over_per_architecture_speedup": sides["batched_per_architecture"]["seconds"]
+                    / sides["batched"]["seconds"]
+                }
+                if "batched_per_architecture" in sides
+                else {}
+            ),
             "seconds_spent": round(time.perf_counter() - start, 1),
         }
         print(f"{name}: done in {out[name]['seconds_spent']} s", file=sys.stderr, flush=True)

@@ -145,6 +145,9 @@ def measure(
         makers: dict[str, Callable[[], Executor]] = {
             "sequential": lambda: SequentialExecutor(exp.trainer),
             "batched": lambda: BatchedExecutor(device, SequentialExecutor(exp.trainer), exp.trainer),
+            "batched_per_architecture": lambda: BatchedExecutor(
+                device, SequentialExecutor(exp.trainer), exp.trainer, across_architectures=False
+            ),
         }
         steps = sum(len(exp.data.clients[k].train_dataloader()) for k in sampled)
         for repeat in range(repeats + 1):  # the first pass warms up caches and lazy imports

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedmoe_pl.data.transforms import to_device
 from fedmoe_pl.trainer_settings import StepRules
 
 
@@ -62,9 +63,25 @@ class StackedSGD:
             param.index_copy_(0, index, value.add(step, alpha=-self.lr[k]))
 
 
-def stack_index(members: list[int], count: int, device: torch.device) -> torch.Tensor | None:
-    """The index of some clients of a stack; None when it is all of them."""
-    return None if len(members) == count else torch.tensor(members, device=device, dtype=torch.long)
+class Indices:
+    """Index tensors of row lists, each made once and kept on the device.
+
+    A stacked step selects the same rows step after step; building the index from a Python list
+    every time would copy it to the device each step (a host synchronisation on a GPU).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._made: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, rows: Sequence[int], count: int) -> torch.Tensor | None:
+        """The index of ``rows`` (ascending) among ``count``; None when they are all of them."""
+        key = tuple(rows)
+        if key == tuple(range(count)):
+            return None
+        if key not in self._made:
+            self._made[key] = to_device(torch.tensor(key, dtype=torch.long), self.device)
+        return self._made[key]
 
 
 def clip_like_torch(
@@ -84,18 +101,36 @@ def clip_like_torch(
     return clipped
 
 
-def clip_stacked(grads: list[torch.Tensor | None], rules: StepRules) -> None:
-    """Clip every client's gradients in a stack, in place: each client by its own total norm."""
+def clip_stacked(
+    parts: Sequence[tuple[list[torch.Tensor | None], torch.Tensor | None]], clients: int, rules: StepRules
+) -> None:
+    """Clip the gradients of stacked clients in place, each client by its own total norm.
+
+    A client's parameters may lie in several stacks (parts common to every architecture, and its
+    architecture's own): ``parts`` holds each stack's gradients with the positions, among
+    ``clients``, of their rows (None: row k is client k).
+    """
     assert rules.clip_val is not None
-    present = [g for g in grads if g is not None]
-    if not present:
-        return
     if rules.clip_algorithm == "value":
-        for g in present:
-            g.clamp_(-rules.clip_val, rules.clip_val)
+        for grads, _ in parts:
+            for g in grads:
+                if g is not None:
+                    g.clamp_(-rules.clip_val, rules.clip_val)
         return
-    norms = torch.stack([g.flatten(1).float().norm(dim=1) for g in present])  # (P, G)
-    total = torch.linalg.vector_norm(norms, dim=0)  # (G,)
-    coef = (rules.clip_val / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
-    for g in present:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    squared: torch.Tensor | None = None  # (clients,) summed squares of every gradient tensor's norm
+    for grads, positions in parts:
+        present = [g for g in grads if g is not None]
+        if not present:
+            continue
+        part = torch.stack([g.flatten(1).float().norm(dim=1) for g in present]).square().sum(0)  # (rows,)
+        if squared is None:
+            squared = torch.zeros(clients, device=part.device)
+        squared = squared + part if positions is None else squared.index_add(0, positions, part)
+    if squared is None:
+        return
+    coef = (rules.clip_val / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+    for grads, positions in parts:
+        rows = coef if positions is None else coef.index_select(0, positions)
+        for g in grads:
+            if g is not None:
+                g.mul_(rows.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))

@@ -82,6 +82,36 @@ def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, 
             torch.testing.assert_close(batched[k].result.upload[name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_pfedmoe_clients_of_every_architecture_form_one_group_and_other_methods_one_per_architecture(
+    tmp_path: Path,
+) -> None:
+    """pFedMoE's gate and global expert have the same shapes in every client: one stack for the whole
+    round, local experts and heads stacked per architecture (the equivalence tests above run it)."""
+    from fedmoe_pl.batched import _Common, _Loss, architecture_key
+
+    executor = BatchedExecutor("cpu", max_group=6)
+    for method, expected in (("pfedmoe", [[0, 1, 2, 3, 4, 5]]), ("standalone", [[0, 2, 4], [1, 3, 5]])):
+        (tmp_path / method).mkdir()
+        fed = _federation(tmp_path / method, method)
+        jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]
+        assert len({architecture_key(c) for c in fed.clients}) == 2
+        assert executor.groups(jobs) == (expected, [])
+        apart = BatchedExecutor("cpu", max_group=6, across_architectures=False)
+        assert apart.groups(jobs) == ([[0, 2, 4], [1, 3, 5]], [])
+        if method == "pfedmoe":
+            plan = executor._plan(list(fed.clients)[:4])
+            assert isinstance(plan.shell, _Common) and [s.members for s, _ in plan.own] == [[0, 2], [1, 3]]
+            assert all(
+                name.startswith(("client.moe.gate.", "client.moe.global_expert.")) for name in plan.common.params
+            )
+            assert all(".local_expert." in n or ".head." in n for s, _ in plan.own for n in s.params)
+        else:
+            plan = executor._plan([fed.clients[0], fed.clients[2]])
+            assert isinstance(plan.shell, _Loss) and not plan.own
+    assert BatchedExecutor("cpu", max_group=4).groups(jobs)[0] == [[0, 2, 4], [1, 3, 5]]
+    assert BatchedExecutor("cpu", max_group=2).groups(jobs)[0] == [[0, 2], [4], [1, 3], [5]]
+
+
 def test_batched_executor_trains_clients_that_are_not_batchable_one_by_one(tmp_path: Path) -> None:
     fed = _federation(tmp_path, "standalone", "--algorithm", "fedmoe_pl.algorithms.FedProto")
     jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]

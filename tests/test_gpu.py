@@ -96,3 +96,51 @@ def test_two_ranks_give_the_one_process_run(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["client_acc"] for m in one] == [m["client_acc"] for m in two]
+
+
+def test_a_stacked_step_and_its_batches_never_wait_for_the_device(tmp_path: Path, monkeypatch) -> None:
+    """No host synchronisation inside an epoch: CUDA's sync debug mode turns any into an error while
+    batches are made and stacked steps run (the split pFedMoE group, clipping and accumulation included)."""
+    from fedmoe_pl import batched
+
+    if DEVICE != "cuda":
+        pytest.skip("host synchronisation is a CUDA notion")
+    step, batches = batched.BatchedExecutor._step, batched.JobBatches.__iter__
+    checked: dict = {"steps": 0, "batches": 0, "errors": []}  # a failed stacked step would fall back quietly
+
+    def strict_step(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(*args, **kwargs)
+        except Exception as err:
+            checked["errors"].append(repr(err))
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked["steps"] += 1
+
+    def strict_batches(self):
+        made = batches(self)
+        while True:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                batch = next(made)
+            except StopIteration:
+                return
+            except Exception as err:
+                checked["errors"].append(repr(err))
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked["batches"] += 1
+            yield batch
+
+    monkeypatch.setattr(batched.BatchedExecutor, "_step", strict_step)
+    monkeypatch.setattr(batched.JobBatches, "__iter__", strict_batches)
+    augmented = overlay(tmp_path, "augment", {"data": {"augment": True}})
+    main(["fit", *_config(tmp_path, rounds=1), "--config", str(augmented), "--federation.executor", "batched",
+          "--federation.batched_group", "6", "--trainer.gradient_clip_val", "0.5",
+          "--trainer.accumulate_grad_batches", "2"])  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_failed"] == 0, summary
+    assert checked["steps"] > 0 and checked["batches"] > 0 and not checked["errors"], checked["errors"]

@@ -92,6 +92,12 @@ class FederatedClient(L.LightningModule):
     #: updated in place), with no other state and no hooks that matter during a local fit.
     batchable: bool = False
 
+    #: Sub-modules of a batchable client whose shapes are the same whatever its architecture (pFedMoE:
+    #: the gate and the global expert). When a class names them and implements
+    #: :meth:`common_forward` and :meth:`loss_after_common`, the batched executor stacks these parts
+    #: across every architecture of a round and only the rest per architecture.
+    stacked_across: tuple[str, ...] = ()
+
     #: Clipping and accumulation of the manual step; the executor sets them from ``trainer`` before a fit.
     step_rules: StepRules = StepRules()
 
@@ -109,6 +115,14 @@ class FederatedClient(L.LightningModule):
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(x), y)
+
+    def common_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the :attr:`stacked_across` parts compute from a batch (they alone may be used)."""
+        raise NotImplementedError(f"{type(self).__name__} stacks nothing across architectures")
+
+    def loss_after_common(self, common: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`training_loss` from :meth:`common_forward`'s outputs and the client's other parts."""
+        raise NotImplementedError(f"{type(self).__name__} stacks nothing across architectures")
 
     def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and per-sample diagnostics, shape (B,), that the evaluator averages per client.

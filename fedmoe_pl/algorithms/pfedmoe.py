@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import Payload
 from fedmoe_pl.algorithms.base import Algorithm, check_number
@@ -33,6 +34,8 @@ class PFedMoEClient(FederatedClient):
         self.moe = moe
         self.method = method
 
+    stacked_across = tuple(f"moe.{part}" for part in LocalMoE.common_parts)
+
     @property
     def shared(self) -> torch.nn.Module:
         """The one sub-module a federation may read and overwrite."""
@@ -40,6 +43,13 @@ class PFedMoEClient(FederatedClient):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.moe(x)[0]  # (B, classes)
+
+    def common_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.moe.common_forward(x)
+
+    def loss_after_common(self, common: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weights, r_global = common
+        return F.cross_entropy(self.moe.own_forward(weights, r_global, x), y)
 
     def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, weights = self.moe(x)

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from fedmoe_pl.data.transforms import BatchTransform
+from fedmoe_pl.data.transforms import BatchTransform, to_device
 
 
 class TensorBatches:
@@ -39,7 +39,7 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         # Drawn on the CPU (the generator's device), moved once per epoch to where the shard lives.
-        order = None if self._gen is None else torch.randperm(n, generator=self._gen).to(self.images.device)
+        order = None if self._gen is None else to_device(torch.randperm(n, generator=self._gen), self.images.device)
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:

@@ -12,12 +12,20 @@ from collections.abc import Sequence
 import torch
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``. To a GPU the copy goes through pinned memory and is queued on the
+    stream like a kernel, so the host does not wait for the device (a pageable copy would)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``padding`` and cut one random (H, W) window per sample."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
-    top = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)  # (B,)
-    left = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)  # (B,)
+    top = to_device(torch.randint(0, 2 * padding + 1, (b,), generator=gen), x.device)  # (B,)
+    left = to_device(torch.randint(0, 2 * padding + 1, (b,), generator=gen), x.device)  # (B,)
     rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]  # (B, 1, 1, 1)
@@ -27,7 +35,7 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
-    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)  # (B,)
+    flip = to_device(torch.rand(x.shape[0], generator=gen) < 0.5, x.device)  # (B,)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -56,5 +64,6 @@ class BatchTransform:
             x = random_crop(x, self.crop_padding, gen)
         if gen is not None and self.hflip:
             x = random_hflip(x, gen)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return (x.float() - mean) / std
+        if self.mean.device != x.device:  # moved once, not per batch
+            self.mean, self.std = to_device(self.mean, x.device), to_device(self.std, x.device)
+        return (x.float() - self.mean) / self.std

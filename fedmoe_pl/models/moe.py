@@ -51,10 +51,21 @@ class LocalMoE(nn.Module):
         self.gate = GatingNetwork(in_features, gate_hidden, gate_norm)
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits (B, classes), gate weights (B, 2))."""
-        weights = self.gate(x)  # (B, 2)
-        r_global = self.global_expert(x)  # (B, W)
+    #: The sub-modules whose shapes do not depend on the client's architecture: every client of a
+    #: federation holds them alike, so a batched executor can stack them across architectures.
+    common_parts = ("gate", "global_expert")
+
+    def common_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The common parts' outputs: (gate weights (B, 2), global representation (B, W))."""
+        return self.gate(x), self.global_expert(x)
+
+    def own_forward(self, weights: torch.Tensor, r_global: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The client's own parts after :meth:`common_forward`: local expert, mix, head -> logits."""
         r_local = self.local_expert(x)  # (B, W)
         mixed = weights[:, :1] * r_global + weights[:, 1:] * r_local  # (B, W)
-        return self.head(mixed), weights
+        return self.head(mixed)  # type: ignore[no-any-return]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits (B, classes), gate weights (B, 2))."""
+        weights, r_global = self.common_forward(x)
+        return self.own_forward(weights, r_global, x), weights
