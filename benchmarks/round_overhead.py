@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from fedmoe_pl.aggregation import weighted_mean
 from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
-from fedmoe_pl.executor import Executor, SequentialExecutor
+from fedmoe_pl.executor import Executor, SequentialExecutor, quiet_lightning
 from fedmoe_pl.experiment import build_federation
-from fedmoe_pl.federation import Federation, quiet_lightning
+from fedmoe_pl.federation import Federation
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.schedule import fit_seed
 from fedmoe_pl.sinks import Checkpoint
@@ -136,10 +136,10 @@ def measure(
         run_dir.acquire()
         fed = build_federation(exp, [RoundCheckpoint(run_dir, {})], device)
         server = fed.algorithm
-        for client in fed.clients:  # every client starts from the server's initial global expert
+        for client in fed.fleet.pool:  # every client starts from the server's initial global expert
             client.download(server.global_payload)
-        server.held = [server.version] * len(fed.clients)
-        initial = [copy.deepcopy(c.state_dict()) for c in fed.clients]
+        server.held = [server.version] * len(fed.fleet.pool)
+        initial = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
         initial_server = copy.deepcopy(server.state_dict())
         sampled = fed.schedule[0]
         makers: dict[str, Callable[[], Executor]] = {
@@ -151,7 +151,7 @@ def measure(
         }
         steps = sum(len(exp.data.clients[k].train_dataloader()) for k in sampled)
         for repeat in range(repeats + 1):  # the first pass warms up caches and lazy imports
-            plain_clients = [copy.deepcopy(c) for c in fed.clients]
+            plain_clients = [copy.deepcopy(c) for c in fed.fleet.pool]
             for c, s in zip(plain_clients, initial):
                 c.load_state_dict(s)
             gc.collect()
@@ -166,11 +166,11 @@ def measure(
             order = executors[repeat % len(executors) :] + executors[: repeat % len(executors)]
             for name in order:  # each executor goes first in turn
                 # visit: the reset is not a change a round made, so the round writes only its own clients
-                for c, s in zip(fed.clients.visit(range(len(initial))), initial):
+                for c, s in zip(fed.fleet.pool.visit(range(len(initial))), initial):
                     c.load_state_dict(s)
                 server.load_state_dict(copy.deepcopy(initial_server))
                 fed.round, fed.final, fed.best = 0, None, None
-                fed.executor = makers[name]()
+                fed.fleet.executor = makers[name]()
                 gc.collect()
                 _reset_peak(device)
                 with Utilisation(device) as busy:
@@ -196,7 +196,7 @@ def measure(
             "time_over_plain": best / min(times["plain"]),
             "mean_acc": accuracy[name],
         }
-    return {"clients": len(fed.clients), "per_round": len(sampled), "steps": steps, "sides": sides}
+    return {"clients": len(fed.fleet.pool), "per_round": len(sampled), "steps": steps, "sides": sides}
 
 
 def _reset_peak(device: torch.device) -> None:

@@ -230,6 +230,9 @@ class BatchedExecutor:
         for index in range(len(jobs)):
             yield outcomes[index]
 
+    def round_stats(self) -> dict[str, Any]:
+        return self.fallback.round_stats()
+
     # -- one group ------------------------------------------------------------------------------
 
     def _fit_group(self, jobs: list[FitJob]) -> list[FitOutcome]:

@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(code)
         return
     from fedmoe_pl.distributed import is_leader
+    from fedmoe_pl.executor import quiet_lightning
     from fedmoe_pl.experiment import fit
-    from fedmoe_pl.federation import quiet_lightning
 
     quiet_lightning()
     try:

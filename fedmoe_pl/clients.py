@@ -7,8 +7,8 @@ with :meth:`visit` (evaluation: loaded, used, dropped), and saves the pool with 
 :class:`DiskClients` keeps only the live clients in memory. Each client's state is a file per
 version (``<cid>.r<round>.pt``, written when a round changed it); the checkpoint records which
 version of each client is current, so a run killed half-way through writing a round resumes from
-the versions its checkpoint names. A client that was never written is rebuilt from the random
-state it was first built with: exactly the initial weights the in-memory pool would hold.
+the versions its checkpoint names. A client that was never written is built afresh when used: its
+initial weights are a pure function of the run's seed and its id, so it costs nothing until then.
 
 Client files survive a crash or a power loss: each is fsynced when written and its folder before
 the checkpoint that names it, and the versions the previous checkpoint names stay on disk until
@@ -38,7 +38,7 @@ Builder = Callable[[int], FederatedClient]
 
 class ClientPool(Protocol):
     def populate(self, build: Builder, num_clients: int) -> None:
-        """Build clients ``0 .. num_clients - 1`` in order (the order fixes their initial weights)."""
+        """Clients ``0 .. num_clients - 1``, each built by ``build(cid)`` when first used."""
 
     def __len__(self) -> int: ...
 
@@ -196,7 +196,9 @@ class MemoryClients:
     """
 
     def __init__(self, directory: str | Path | None = None, fallback: str | Path | None = None) -> None:
-        self.clients: list[FederatedClient] = []
+        self.clients: dict[int, FederatedClient] = {}  # built when first used, kept from then on
+        self._build: Builder | None = None
+        self._num_clients = 0
         self.files = (
             None
             if directory is None and fallback is None
@@ -207,18 +209,27 @@ class MemoryClients:
         self.touched: set[int] = set()  # clients handed out this round
 
     def populate(self, build: Builder, num_clients: int) -> None:
-        self.clients = [build(cid) for cid in range(num_clients)]
+        self._build, self._num_clients = build, num_clients
+        self.clients = {}
 
     def __len__(self) -> int:
-        return len(self.clients)
+        return self._num_clients
+
+    def _client(self, cid: int) -> FederatedClient:
+        if cid not in self.clients:
+            if not 0 <= cid < self._num_clients:
+                raise IndexError(f"client {cid} is not in 0 .. {self._num_clients - 1}")  # ends iteration
+            assert self._build is not None, "populate the pool first"
+            self.clients[cid] = self._build(cid)
+        return self.clients[cid]
 
     def __getitem__(self, cid: int) -> FederatedClient:
-        client = self.clients[cid]  # IndexError first: iteration over the pool ends there
+        client = self._client(cid)
         self.touched.add(cid)
         return client
 
     def visit(self, ids: Iterable[int]) -> Iterator[FederatedClient]:
-        return (self.clients[cid] for cid in ids)
+        return (self._client(cid) for cid in ids)
 
     def release(self, round_: int) -> None:
         if self.files is not None:
@@ -228,20 +239,20 @@ class MemoryClients:
 
     def state_dict(self) -> Any:
         if self.files is None:
-            return [c.state_dict() for c in self.clients]
+            return [self._client(cid).state_dict() for cid in range(self._num_clients)]
         return self.files.snapshot()
 
     def load_state_dict(self, state: Any) -> None:
         self.touched.clear()
         if isinstance(state, list):  # a checkpoint that holds every client itself
-            for client, client_state in zip(self.clients, state):
-                client.load_state_dict(client_state)
+            for cid, client_state in enumerate(state):
+                self._client(cid).load_state_dict(client_state)
             return
         if self.files is None:
             raise ValueError("this checkpoint keeps its clients in files; build the pool with their directory")
         self.files.restore(state)
         for cid in self.files.version:
-            self.clients[cid].load_state_dict(self.files.read(cid))  # type: ignore[arg-type]
+            self._client(cid).load_state_dict(self.files.read(cid))  # type: ignore[arg-type]
 
     def checkpoint_saved(self) -> None:
         if self.files is not None:
@@ -265,15 +276,10 @@ class DiskClients:
         self.files = ClientFiles(self.directory, None if fallback is None else Path(fallback))
         self.live: dict[int, FederatedClient] = {}
         self._build: Builder | None = None
-        self._init_rng: list[torch.Tensor] = []  # the CPU random state each client was built from
         self._num_clients = 0
 
     def populate(self, build: Builder, num_clients: int) -> None:
         self._build, self._num_clients = build, num_clients
-        self._init_rng = []
-        for cid in range(num_clients):  # built and dropped: the random stream advances as in memory
-            self._init_rng.append(torch.get_rng_state())
-            build(cid)
 
     def __len__(self) -> int:
         return self._num_clients
@@ -311,9 +317,9 @@ class DiskClients:
 
     def _load(self, cid: int) -> FederatedClient:
         assert self._build is not None, "populate the pool first"
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._init_rng[cid])
-            client = self._build(cid)
+        if not 0 <= cid < self._num_clients:
+            raise IndexError(f"client {cid} is not in 0 .. {self._num_clients - 1}")
+        client = self._build(cid)
         state = self.files.read(cid)
         if state is not None:
             client.load_state_dict(state)

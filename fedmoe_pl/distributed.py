@@ -240,12 +240,12 @@ class DistributedExecutor:
 
     def __init__(self, inner: Executor, group: ProcessGroup) -> None:
         self.inner, self.group = inner, group
-        self.round_stats: dict[str, Any] = {}  # merged into the round's metrics: the samples each rank trained
+        self.stats: dict[str, Any] = {}  # of the last fit: the samples each rank trained
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         sizes = [job.data.num_train for job in jobs]
         shares = assign(sizes, self.group.world_size)
-        self.round_stats = {"rank_train_samples": [sum(sizes[i] for i in share) for share in shares]}
+        self.stats = {"rank_train_samples": [sum(sizes[i] for i in share) for share in shares]}
         mine = shares[self.group.rank]
         sent = []
         for index, outcome in zip(mine, self.inner.fit([jobs[i] for i in mine])):
@@ -262,3 +262,6 @@ class DistributedExecutor:
                 outcomes[index] = outcome
         for index in range(len(jobs)):
             yield outcomes[index]
+
+    def round_stats(self) -> dict[str, Any]:
+        return {**self.inner.round_stats(), **self.stats}

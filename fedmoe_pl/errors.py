@@ -25,6 +25,24 @@ class ClientFailure(RunError):
         )
 
 
+class NobodyReported(RunError):
+    """No client reported in ``rounds`` consecutive rounds (``limit``: ``federation.max_empty_rounds``,
+    None: in the whole run) — every client failing, offline or unreachable."""
+
+    def __init__(self, last_round: int, rounds: int, limit: int | None = None) -> None:
+        where = (
+            f"in any of the run's {rounds} rounds: nothing was trained"
+            if limit is None
+            else f"in {rounds} consecutive rounds ({last_round - rounds + 1}-{last_round}; "
+            f"federation.max_empty_rounds={limit}): the clients keep failing or are unreachable"
+        )
+        then = "start again" if limit is None else "continue with --resume"
+        super().__init__(
+            f"no client reported {where}. metrics.jsonl lists the failed and dropped clients of each round; "
+            f"fix the cause and {then}"
+        )
+
+
 class ClientUnreachable(ConnectionError):
     """A client in another process or machine that did not answer (it stopped, or its node left).
 

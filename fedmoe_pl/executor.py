@@ -9,16 +9,19 @@ engine, several processes) plug in at the same seam.
 from __future__ import annotations
 
 import copy
-import math
+import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import lightning as L
+import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.data import ClientDataModule
+from fedmoe_pl.fleet import FitOutcome, diverged
 from fedmoe_pl.trainer_settings import StepRules, lightning_kwargs
 
 
@@ -33,28 +36,29 @@ class FitJob:
     restore_on_error: bool = False  # put the client's state back if the fit fails
 
 
-@dataclass
-class FitOutcome:
-    """A job's result, or the error that ended it (the client's state then as ``restore_on_error`` says)."""
-
-    client_id: int
-    result: ClientResult | None = None
-    error: Exception | None = None
+__all__ = ["Executor", "FitJob", "FitOutcome", "SequentialExecutor", "diverged", "quiet_lightning"]
 
 
-def diverged(loss: float) -> FloatingPointError | None:
-    """The error of a local fit whose training loss is not finite, or None."""
-    if math.isfinite(loss):
-        return None
-    return FloatingPointError(f"the training loss is {loss}; lower client.lr or check the data")
+def quiet_lightning() -> None:
+    """Per-client Trainers are an implementation detail: silence their banners and tips (entry points call this)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # Slurm's tools on PATH outside a job: a run there is a single process, nothing to launch with srun.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 
 class Executor(Protocol):
-    """Trains a round's cohort. An executor may also expose ``round_stats``, a dict the loop adds to
-    the round's metrics (the multi-process executor reports the training samples of each rank)."""
+    """Trains a round's cohort of clients, inside a fleet (:class:`~fedmoe_pl.in_process.InProcessFleet`)."""
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         """Train every job's client; yield one outcome per job, in order."""
+        ...
+
+    def round_stats(self) -> dict[str, Any]:
+        """What the executor measured of its last ``fit``, for the round's record (the multi-process
+        executor: the training samples of each rank); empty when nothing."""
         ...
 
 
@@ -101,6 +105,9 @@ class SequentialExecutor:
             result = ClientResult(client_id, job.client.upload(), job.data.num_train, {"train_loss": loss})
             yield FitOutcome(client_id, result=result)
 
+    def round_stats(self) -> dict[str, Any]:
+        return {}
+
     def _fit_one(self, job: FitJob) -> float:
         job.data.shuffle_seed = job.seed
         job.client.step_rules = self.step_rules
@@ -117,5 +124,10 @@ class SequentialExecutor:
             plugins=self.plugins,
         )
         job.data.keep_on(trainer.strategy.root_device)  # on a GPU: the shard stays there, batches are slices
-        trainer.fit(job.client, datamodule=job.data)
+        # A model that draws random numbers while training (dropout) draws them from the fit's own
+        # seed, not from a stream shared by every fit: a resumed run needs no saved random state.
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(job.seed)
+            trainer.fit(job.client, datamodule=job.data)
         return job.client.train_loss

@@ -24,6 +24,7 @@ from fedmoe_pl.errors import RunError
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
+from fedmoe_pl.in_process import InProcessFleet
 from fedmoe_pl.rundir import PREVIOUS_CHECKPOINT, RunDirectory
 from fedmoe_pl.signals import AGENT_STOPS, StopSignals
 from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
@@ -305,17 +306,9 @@ def build_federation(
         executor = BatchedExecutor(device, executor, exp.trainer, max_group=exp.federation.batched_group)
     if group is not None:
         executor = DistributedExecutor(executor, group)
-    return Federation(
-        exp.federation,
-        exp.data,
-        exp.client,
-        exp.algorithm,
-        exp.seed,
-        executor,
-        evaluator,
-        sinks,
-        client_pool(exp.federation, group),
-    )
+    pool = client_pool(exp.federation, group)
+    fleet = InProcessFleet(exp.data, exp.client, exp.algorithm, exp.seed, executor, evaluator, pool)
+    return Federation(exp.federation, exp.algorithm, fleet, exp.seed, sinks)
 
 
 def _train(

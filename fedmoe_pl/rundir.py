@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.ckpt"
 PREVIOUS_CHECKPOINT = "previous.ckpt"  # the one before: what a resume falls back to if the last one's files are lost
-CHECKPOINT_KEYS = ("format", "round", "schedule", "clients", "server", "meta", "rng")
+CHECKPOINT_KEYS = ("format", "round", "schedule", "clients", "server", "meta")
+CHECKPOINT_FORMAT = 3  # 3: clients' initial weights drawn from (seed, id); earlier ones cannot be resumed
 
 
 def _write_failed(path: Path, err: OSError) -> RunError:
@@ -217,5 +218,12 @@ class RunDirectory:
             raise ValueError(
                 f"{str(file)!r} is not a fedmoe-pl checkpoint (it lacks {missing}); --resume takes the "
                 "run directory of a fedmoe-pl fit"
+            )
+        if state["format"] < CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint {str(file)!r} was written by an earlier fedmoe-pl (format {state['format']}), whose "
+                f"clients drew their initial weights from one shared random stream; this version (format "
+                f"{CHECKPOINT_FORMAT}) would rebuild them differently. Finish that run with the version that "
+                "started it, or start a new run"
             )
         return state  # type: ignore[no-any-return]

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 
 # SeedSequence keys: independent random streams of a run (1 is the data partition's).
-SAMPLING_STREAM, TRAINING_STREAM, DROPOUT_STREAM, SERVER_STREAM = 2, 3, 4, 5
+SAMPLING_STREAM, TRAINING_STREAM, DROPOUT_STREAM, SERVER_STREAM, CLIENT_STREAM = 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -113,3 +113,8 @@ def dropped_clients(seed: int, round_: int, sampled: list[int], probability: flo
 def fit_seed(seed: int, round_: int, client: int) -> int:
     """Seed of one local fit's shuffling and augmentation."""
     return int(np.random.SeedSequence([seed, TRAINING_STREAM, round_, client]).generate_state(1)[0])
+
+
+def client_seed(seed: int, client: int) -> int:
+    """Seed of a client's initial weights: any client can be built alone, in any order and process."""
+    return int(np.random.SeedSequence([seed, CLIENT_STREAM, client]).generate_state(1)[0])

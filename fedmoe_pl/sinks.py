@@ -49,7 +49,8 @@ class MetricsFile(Sink):
 
 
 class Checkpoint(Sink):
-    """``last.ckpt``: the whole federation, before round 1 and after every round.
+    """``last.ckpt``: the whole federation, before round 1 and after every round (nothing when the
+    fleet's clients keep their state themselves: ``fleet.resumable`` False, as on Flower's nodes).
 
     Args:
         run_dir: where to write.
@@ -64,8 +65,10 @@ class Checkpoint(Sink):
             self.on_round_end(fed, {})
 
     def on_round_end(self, fed: Federation, record: dict[str, Any]) -> None:
+        if not fed.fleet.resumable:
+            return
         self.run_dir.save_checkpoint({**fed.state_dict(), "meta": self.meta})
-        fed.clients.checkpoint_saved()
+        fed.fleet.checkpoint_saved()
 
 
 class SummaryFile(Sink):
@@ -97,7 +100,7 @@ class Wandb(Sink):
             self.tracker.log({}, step=0, tables={"partition": self.partition})
 
     def on_round_end(self, fed: Federation, record: dict[str, Any]) -> None:
-        self.tracker.log_round(record, fed.model_names)
+        self.tracker.log_round(record, fed.fleet.model_names)
 
     def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
         try:

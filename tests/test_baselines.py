@@ -26,6 +26,7 @@ from fedmoe_pl.algorithms import (
 from fedmoe_pl.cli import build_parser, subcommand_parser
 from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
 from fedmoe_pl.federation import Federation, FederationConfig
+from fedmoe_pl.in_process import InProcessFleet
 from fedmoe_pl.sinks import Sink
 
 HETERO = ["cnn5", "cnn4", "cnn3"]
@@ -50,7 +51,7 @@ def federation(alg: Algorithm, zoo=HETERO, rounds=2) -> Federation:
     data = FederatedDataModule(Synthetic(num_classes=3, train_per_class=90), IID(), 3, batch_size=16)
     data.setup(0)
     cfg = FederationConfig(rounds=rounds, local_epochs=2)
-    return Federation(cfg, data, ClientConfig(zoo=zoo, lr=0.02), alg, seed=0)
+    return Federation(cfg, alg, InProcessFleet(data, ClientConfig(zoo=zoo, lr=0.02), alg, 0), seed=0)
 
 
 class Records(Sink):
@@ -67,8 +68,8 @@ def test_two_round_federation_runs_and_counts_what_is_sent(overlay) -> None:
     alg, zoo = from_overlay(overlay)
     fed = federation(alg, zoo)
     sizes = []
-    original_upload = [c.upload for c in fed.clients]
-    for c, up in zip(fed.clients, original_upload):
+    original_upload = [c.upload for c in fed.fleet.pool]
+    for c, up in zip(fed.fleet.pool, original_upload):
         c.upload = lambda up=up: (sizes.append(payload_bytes(p := up())), p)[1]  # type: ignore[method-assign]
     sink = Records()
     fed.sinks.append(sink)

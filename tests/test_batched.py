@@ -46,21 +46,26 @@ def _federation(tmp_path: Path, method: str, *argv: str) -> Federation:
     return build_federation(exp)
 
 
+def _jobs(fed: Federation) -> list:
+    """Every client's local fit in round 1."""
+    return fed.fleet.jobs(fed.cohort(1, range(fed.fleet.num_clients)))  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("max_group", [6, 1], ids=["stacked", "one-at-a-time"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, method: str, max_group) -> None:
     """``max_group=6`` stacks every client of an architecture (3 here), as a GPU does by default."""
     fed = _federation(tmp_path, method)
-    jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]
+    jobs = _jobs(fed)
     sizes = {job.data.num_train for job in jobs}
     assert len(sizes) > 2  # uneven shards: the buckets are exercised
-    start = [copy.deepcopy(c.state_dict()) for c in fed.clients]
+    start = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
     sequential = list(SequentialExecutor({"accelerator": "cpu"}).fit(jobs))
-    expected = [copy.deepcopy(c.state_dict()) for c in fed.clients]
-    for client, state in zip(fed.clients, start):
+    expected = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
+    for client, state in zip(fed.fleet.pool, start):
         client.load_state_dict(state)
     batched = list(BatchedExecutor("cpu", max_group=max_group).fit(jobs))
-    for k, client in enumerate(fed.clients):
+    for k, client in enumerate(fed.fleet.pool):
         assert batched[k].error is None and batched[k].result is not None
         got = client.state_dict()
         for name, value in expected[k].items():
@@ -93,20 +98,20 @@ def test_pfedmoe_clients_of_every_architecture_form_one_group_and_other_methods_
     for method, expected in (("pfedmoe", [[0, 1, 2, 3, 4, 5]]), ("standalone", [[0, 2, 4], [1, 3, 5]])):
         (tmp_path / method).mkdir()
         fed = _federation(tmp_path / method, method)
-        jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]
-        assert len({architecture_key(c) for c in fed.clients}) == 2
+        jobs = _jobs(fed)
+        assert len({architecture_key(c) for c in fed.fleet.pool}) == 2
         assert executor.groups(jobs) == (expected, [])
         apart = BatchedExecutor("cpu", max_group=6, across_architectures=False)
         assert apart.groups(jobs) == ([[0, 2, 4], [1, 3, 5]], [])
         if method == "pfedmoe":
-            plan = executor._plan(list(fed.clients)[:4])
+            plan = executor._plan(list(fed.fleet.pool)[:4])
             assert isinstance(plan.shell, _Common) and [s.members for s, _ in plan.own] == [[0, 2], [1, 3]]
             assert all(
                 name.startswith(("client.moe.gate.", "client.moe.global_expert.")) for name in plan.common.params
             )
             assert all(".local_expert." in n or ".head." in n for s, _ in plan.own for n in s.params)
         else:
-            plan = executor._plan([fed.clients[0], fed.clients[2]])
+            plan = executor._plan([fed.fleet.pool[0], fed.fleet.pool[2]])
             assert isinstance(plan.shell, _Loss) and not plan.own
     assert BatchedExecutor("cpu", max_group=4).groups(jobs)[0] == [[0, 2, 4], [1, 3, 5]]
     assert BatchedExecutor("cpu", max_group=2).groups(jobs)[0] == [[0, 2], [4], [1, 3], [5]]
@@ -114,15 +119,15 @@ def test_pfedmoe_clients_of_every_architecture_form_one_group_and_other_methods_
 
 def test_batched_executor_trains_clients_that_are_not_batchable_one_by_one(tmp_path: Path) -> None:
     fed = _federation(tmp_path, "standalone", "--algorithm", "fedmoe_pl.algorithms.FedProto")
-    jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]
-    start = [copy.deepcopy(c.state_dict()) for c in fed.clients]
+    jobs = _jobs(fed)
+    start = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
     sequential = [o.result for o in SequentialExecutor({"accelerator": "cpu"}).fit(jobs)]
-    expected = [copy.deepcopy(c.state_dict()) for c in fed.clients]
-    for client, state in zip(fed.clients, start):
+    expected = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
+    for client, state in zip(fed.fleet.pool, start):
         client.load_state_dict(state)
     batched = [o.result for o in BatchedExecutor("cpu").fit(jobs)]
-    assert not fed.clients[0].batchable
-    for k, client in enumerate(fed.clients):
+    assert not fed.fleet.pool[0].batchable
+    for k, client in enumerate(fed.fleet.pool):
         assert all(torch.equal(client.state_dict()[n], v) for n, v in expected[k].items())
         assert batched[k] is not None and sequential[k] is not None
         assert all(torch.equal(batched[k].upload[n], v) for n, v in sequential[k].upload.items())
@@ -186,11 +191,11 @@ STEP_RULES = {
 
 
 def _round(fed: Federation, executor) -> tuple[list[dict[str, torch.Tensor]], list]:
-    jobs = [fed._job(cid, 1) for cid in range(len(fed.clients))]
-    start = [copy.deepcopy(c.state_dict()) for c in fed.clients]
+    jobs = _jobs(fed)
+    start = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
     outcomes = list(executor.fit(jobs))
-    after = [copy.deepcopy(c.state_dict()) for c in fed.clients]
-    for client, state in zip(fed.clients, start):
+    after = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
+    for client, state in zip(fed.fleet.pool, start):
         client.load_state_dict(state)
     return after, outcomes
 
@@ -205,7 +210,7 @@ def test_clipping_and_accumulation_agree_between_the_executors_tensor_for_tensor
     sequential, seq_out = _round(fed, SequentialExecutor(settings))
     one, one_out = _round(fed, BatchedExecutor("cpu", trainer=settings, max_group=1))
     stacked, stacked_out = _round(fed, BatchedExecutor("cpu", trainer=settings, max_group=6))
-    for k in range(len(fed.clients)):
+    for k in range(len(fed.fleet.pool)):
         assert seq_out[k].error is None and one_out[k].error is None and stacked_out[k].error is None
         assert any(not torch.equal(sequential[k][n], v) for n, v in plain[k].items()), "the rule changed nothing"
         for name, value in sequential[k].items():
@@ -220,7 +225,7 @@ def test_clipping_and_accumulation_match_a_plain_pytorch_loop(tmp_path: Path) ->
 
     k, clip = 3, 0.05
     fed = _federation(tmp_path, "pfedmoe")
-    job = fed._job(0, 1)
+    job = _jobs(fed)[0]
     model = copy.deepcopy(job.client)
     batches = epoch_batches(job, torch.device("cpu"))
     per_epoch = len(batches) // job.epochs
@@ -288,8 +293,8 @@ def _noisy_federation(tmp_path: Path, dropout: float) -> Federation:
     fed = _federation(tmp_path, "standalone")
     model = {"class_path": "test_batched._NoisyCNN", "init_args": {"dropout": dropout}}
     cfg = ClientConfig(zoo=[model])
-    fed.clients.clients = [  # type: ignore[attr-defined]
-        fed.algorithm.build_client(ClientContext(cid, model, 1, 16, 6, cfg)) for cid in range(len(fed.clients))
+    fed.fleet.pool.clients = [  # type: ignore[attr-defined]
+        fed.algorithm.build_client(ClientContext(cid, model, 1, 16, 6, cfg)) for cid in range(len(fed.fleet.pool))
     ]
     return fed
 
@@ -311,15 +316,15 @@ def test_a_stacked_group_that_cannot_vmap_trains_one_at_a_time_and_a_failure_sta
     tmp_path: Path, caplog
 ) -> None:
     fed = _noisy_federation(tmp_path, dropout=0.2)
-    broken = fed.clients.clients[1]
+    broken = fed.fleet.pool.clients[1]
     broken.training_loss = lambda x, y: (_ for _ in ()).throw(RuntimeError("client 1 is broken"))  # type: ignore[method-assign]
-    outcomes = list(BatchedExecutor("cpu", max_group=6).fit([fed._job(cid, 1) for cid in range(len(fed.clients))]))
+    outcomes = list(BatchedExecutor("cpu", max_group=6).fit(_jobs(fed)))
     assert "train one at a time" in caplog.text
     assert isinstance(outcomes[1].error, RuntimeError) and "client 1 is broken" in str(outcomes[1].error)
     for k, outcome in enumerate(outcomes):
         if k != 1:
             assert outcome.error is None and outcome.result is not None, outcome.error
-            assert torch.equal(fed.clients.clients[k].model.unused, torch.ones(3))
+            assert torch.equal(fed.fleet.pool.clients[k].model.unused, torch.ones(3))
 
 
 def test_auto_means_batched_on_a_gpu_when_the_settings_allow_it_and_sequential_otherwise() -> None:
@@ -334,4 +339,4 @@ def test_auto_means_batched_on_a_gpu_when_the_settings_allow_it_and_sequential_o
 
 def test_auto_on_the_cpu_trains_with_the_sequential_executor(tmp_path: Path) -> None:
     fed = _federation(tmp_path, "standalone", "--federation.executor", "auto")
-    assert isinstance(fed.executor, SequentialExecutor)
+    assert isinstance(fed.fleet.executor, SequentialExecutor)

@@ -149,14 +149,14 @@ def test_distributed_slurm_srun_two_tasks_give_the_single_process_run(tmp_path: 
 # Two ranks started by hand (no torchrun agent to kill the survivors); one of them fails in round 2.
 _FAILING_RANK = """
 import os, sys
-from fedmoe_pl.federation import Federation
+from fedmoe_pl.in_process import InProcessFleet
 if os.environ["RANK"] == os.environ["FAIL_RANK"]:
-    end_round = Federation._end_round
-    def fail_in_round_2(self, round_, record):
+    end_round = InProcessFleet.end_round
+    def fail_in_round_2(self, round_):
         if round_ == 2:
             raise RuntimeError("injected failure in round 2")
-        end_round(self, round_, record)
-    Federation._end_round = fail_in_round_2
+        return end_round(self, round_)
+    InProcessFleet.end_round = fail_in_round_2
 from fedmoe_pl.cli import main
 main(sys.argv[1:])
 """

@@ -18,6 +18,7 @@ from helpers import assert_same_run, client_states, fashion_overlay, snapshot, t
 from fedmoe_pl.cli import main
 from fedmoe_pl.executor import FitJob, SequentialExecutor
 from fedmoe_pl.federation import Federation
+from fedmoe_pl.in_process import InProcessFleet
 
 
 def _garbage_checkpoint(tmp: Path) -> None:
@@ -235,7 +236,8 @@ def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> Non
     empty = data.clients[2]
     empty.test_images, empty.test_labels = empty.test_images[:0], empty.test_labels[:0]
     cfg = FederationConfig(rounds=1, run_dir=str(tmp_path))
-    fed = Federation(cfg, data, ClientConfig(zoo=["cnn5"]), Standalone(), seed=0)
+    algorithm = Standalone()
+    fed = Federation(cfg, algorithm, InProcessFleet(data, ClientConfig(zoo=["cnn5"]), algorithm, 0), seed=0)
     fed.run()
     record = fed.final
     assert record is not None and set(record["client_acc"]) == {"0", "1"}

@@ -5,6 +5,7 @@ from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientConfig, PFedMoE, Standalone
 from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
 from fedmoe_pl.federation import Federation, FederationConfig, clients_per_round, sample_clients
+from fedmoe_pl.in_process import InProcessFleet
 from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.sinks import MetricsFile, Sink, Wandb
 
@@ -17,7 +18,8 @@ def small_federation(
     )
     data.setup(0)
     cfg = FederationConfig(rounds=rounds, participation=participation, eval_every=eval_every)
-    return Federation(cfg, data, ClientConfig(zoo=["cnn5"]), algorithm, seed=3, sinks=sinks)
+    fleet = InProcessFleet(data, ClientConfig(zoo=["cnn5"]), algorithm, 3)
+    return Federation(cfg, algorithm, fleet, seed=3, sinks=sinks)
 
 
 @pytest.mark.parametrize(("c", "n", "m"), [(1.0, 10, 10), (0.2, 50, 10), (0.1, 100, 10), (0.7, 10, 7), (0.01, 10, 1)])

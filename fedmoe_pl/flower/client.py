@@ -1,10 +1,11 @@
 """The ClientApp: one SuperNode holds one federated client, the one its ``partition-id`` names.
 
-Every message starts from the run's configuration (the run config's ``fit-args``, the arguments
-of ``fedmoe-pl fit``): the node loads the data and partitions it as a simulation does, keeps its
-own shard, and builds its client exactly as the simulation's process would (same seeding, same
-order of construction), then loads the client's state from the node's context if it has trained
-before. So a node's client trains on the same batches from the same weights as in ``fedmoe-pl fit``.
+The first message a process sees reads the run's configuration (the run config's ``fit-args``, the
+arguments of ``fedmoe-pl fit``): the node loads the data and partitions it as a simulation does,
+keeps its own shard, and builds its own client only (its initial weights are a pure function of the
+run's seed and its id); later messages reuse them. Every message loads the client's state from the
+node's context (its initial weights before the first fit), so a node's client trains on the same
+batches from the same weights as in ``fedmoe-pl fit``.
 
 Messages (``message_type``):
     query: which client this node holds.
@@ -63,23 +64,8 @@ class Site:
 
     @classmethod
     def open(cls, context: Context, msg: Message) -> Site:
-        import lightning as L
-
-        from fedmoe_pl.cli import experiment_from_args
-        from fedmoe_pl.federation import client_builder, quiet_lightning
-
-        quiet_lightning()
-        exp = experiment_from_args(shlex.split(str(context.run_config["fit-args"])))
-        cid = partition_id(context)
-        if not 0 <= cid < exp.data.num_clients:
-            raise ValueError(f"partition-id {cid} is outside 0 .. {exp.data.num_clients - 1} (data.num_clients)")
-        # As the server's process does before it builds its clients (fedmoe_pl.experiment).
-        L.seed_everything(exp.seed, verbose=False)
-        exp.data.setup(exp.seed)
-        build = client_builder(exp.algorithm, exp.client, exp.data)
-        for earlier in range(cid):  # built and dropped: the random stream advances as in one process
-            build(earlier)
-        client = build(cid)
+        exp, client, initial = _built(str(context.run_config["fit-args"]), partition_id(context))
+        cid = client.client_id
         kept = int(number(context.state.config_records[FITS], "fits")) if FITS in context.state.config_records else 0
         accepted = int(number(msg.content.config_records[LINK], "fits")) if LINK in msg.content.config_records else kept
         records = context.state.array_records
@@ -92,6 +78,8 @@ class Site:
             )
         elif STATE in records:
             client.load_state_dict(records[STATE].to_torch_state_dict())
+        else:  # the first message: the client's initial weights
+            client.load_state_dict(initial)
         return cls(exp, client, exp.data.clients[cid], accepted, {k: v.clone() for k, v in client.state_dict().items()})
 
     def apply(self, content: RecordDict) -> int:
@@ -109,6 +97,31 @@ class Site:
         if fitted:
             context.state[BEFORE_FIT] = to_record(self.opened)
         context.state[FITS] = ConfigRecord({"fits": self.fits + int(fitted)})
+
+
+_BUILT: dict[tuple[str, int], tuple[Experiment, FederatedClient, dict[str, torch.Tensor]]] = {}
+
+
+def _built(fit_args: str, cid: int) -> tuple[Experiment, FederatedClient, dict[str, torch.Tensor]]:
+    """The run's experiment, this node's client and its initial state, made once per process: the
+    config read, the data partitioned as a simulation does, and only client ``cid`` built (its
+    weights are a pure function of the run's seed and its id). The client's state between messages
+    lives in the node's context, never in this cache."""
+    key = (fit_args, cid)
+    if key not in _BUILT:
+        from fedmoe_pl.cli import experiment_from_args
+        from fedmoe_pl.executor import quiet_lightning
+        from fedmoe_pl.in_process import client_builder
+
+        quiet_lightning()
+        exp = experiment_from_args(shlex.split(fit_args))
+        if not 0 <= cid < exp.data.num_clients:
+            raise ValueError(f"partition-id {cid} is outside 0 .. {exp.data.num_clients - 1} (data.num_clients)")
+        exp.data.setup(exp.seed)
+        client = client_builder(exp.algorithm, exp.client, exp.data, exp.seed)(cid)
+        _BUILT.clear()  # one run at a time in a process
+        _BUILT[key] = (exp, client, {k: v.clone() for k, v in client.state_dict().items()})
+    return _BUILT[key]
 
 
 @app.query()

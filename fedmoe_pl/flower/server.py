@@ -3,7 +3,8 @@
 The loop is :class:`~fedmoe_pl.federation.Federation` itself, with the same sampling, the same
 :class:`~fedmoe_pl.algorithms.Algorithm` (``configure``, ``aggregate``), the same sinks and the
 same run directory as ``fedmoe-pl fit`` (no checkpoint: the clients' states live on their nodes,
-so a Flower run is not resumed). What changes is where the clients are:
+so a Flower run is not resumed). What changes is the fleet, where the clients are
+(:class:`FlowerFleet`):
 
 - an instruction for a client (a payload to download, round settings) waits until the next
   message to that client, and every one is sent before the round ends;
@@ -43,15 +44,16 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe_pl.aggregation import payload_bytes
-from fedmoe_pl.algorithms import ClientResult, Instruction
-from fedmoe_pl.clients import MemoryClients
+from fedmoe_pl.algorithms import ClientResult, FederatedClient, Instruction
 from fedmoe_pl.errors import ClientUnreachable
 from fedmoe_pl.evaluation import summarize
-from fedmoe_pl.executor import FitJob, FitOutcome
+from fedmoe_pl.executor import quiet_lightning
 from fedmoe_pl.experiment import Experiment, fit
-from fedmoe_pl.federation import Federation, quiet_lightning
+from fedmoe_pl.federation import Federation
+from fedmoe_pl.fleet import Cohort, FitOutcome
 from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record, number, put_instructions
-from fedmoe_pl.sinks import Checkpoint, Sink
+from fedmoe_pl.in_process import InProcessFleet
+from fedmoe_pl.sinks import Sink
 
 log = logging.getLogger(__name__)
 
@@ -166,21 +168,47 @@ class Link:
         return out
 
 
-class FlowerExecutor:
-    """Trains a round's cohort on the clients' nodes: one ``train`` message each, all at once."""
+class FlowerFleet:
+    """The clients on Flower SuperNodes, one each (see the module docstring).
 
-    def __init__(self, link: Link) -> None:
-        self.link = link
-        self.round = 0
+    The server also builds every client once, from the config, to read: the method's initial global
+    state (:meth:`Algorithm.start`), the FLOPs count and the parameter counts of the summary.
 
-    def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
+    Args:
+        link: the server's line to the nodes (connected).
+        exp: the experiment, as every node reads it too.
+    """
+
+    resumable = False  # the clients' states live on their nodes
+
+    def __init__(self, link: Link, exp: Experiment) -> None:
+        self.link, self.data = link, exp.data
+        self.local = InProcessFleet(exp.data, exp.client, exp.algorithm, exp.seed)
+        self.num_clients, self.model_names = self.local.num_clients, self.local.model_names
+        self.fingerprint = self.local.fingerprint
+
+    def clients(self) -> Sequence[FederatedClient]:
+        return self.local.clients()
+
+    def flops_per_sample(self, client_id: int) -> float:
+        return self.local.flops_per_sample(client_id)
+
+    def describe(self, client_id: int) -> dict[str, Any]:
+        return self.local.describe(client_id)
+
+    def deliver(self, instructions: dict[int, Instruction]) -> int:
+        """Queue each instruction for the client's next message; the bytes the simulation counts."""
+        for cid, instruction in instructions.items():
+            self.link.queue(cid, instruction)
+        return sum(payload_bytes(i.payload) for i in instructions.values() if i.payload is not None)
+
+    def fit(self, cohort: Cohort) -> Iterator[FitOutcome]:
+        """One ``train`` message to each client's node, all at once."""
         contents = {
-            job.client.client_id: RecordDict(
-                {"fit": ConfigRecord({"round": self.round, "seed": job.seed, "epochs": job.epochs})}
-            )
-            for job in jobs
+            cid: RecordDict({"fit": ConfigRecord({"round": cohort.round, "seed": seed, "epochs": cohort.epochs})})
+            for cid, seed in cohort.seeds.items()
         }
-        for cid, reply in self.link.exchange("train", self.round, contents).items():
+        for cid, reply in self.link.exchange("train", cohort.round, contents).items():
             if isinstance(reply, Exception):
                 yield FitOutcome(cid, error=reply)
                 continue
@@ -191,48 +219,14 @@ class FlowerExecutor:
             samples, metrics = int(number(report, "num_samples")), {"train_loss": number(report, "train_loss")}
             yield FitOutcome(cid, result=ClientResult(cid, upload, samples, metrics))
 
-
-class FlowerFederation(Federation):
-    """A :class:`Federation` whose clients live on Flower SuperNodes (see the module docstring).
-
-    The server still builds every client once, from the config: for the method's initial global
-    state (:meth:`Algorithm.start`), the FLOPs count and the parameter counts of the summary.
-    """
-
-    def __init__(self, link: Link, exp: Experiment, sinks: Sequence[Sink]) -> None:
-        self.link = link
-        self.flower = FlowerExecutor(link)
-        super().__init__(
-            exp.federation,
-            exp.data,
-            exp.client,
-            exp.algorithm,
-            exp.seed,
-            executor=self.flower,
-            sinks=sinks,
-            clients=MemoryClients(),
-        )
-
-    def _round(self, round_: int) -> dict[str, Any]:
-        self.flower.round = round_
-        self.link.wire = dict.fromkeys(self.link.wire, 0)
-        self.link.silent.clear()
-        return super()._round(round_)
-
-    def _deliver(self, instructions: dict[int, Instruction]) -> int:
-        """Queue each instruction for the client's next message; the bytes the simulation counts."""
-        for cid, instruction in instructions.items():
-            self.link.queue(cid, instruction)
-        return sum(payload_bytes(i.payload) for i in instructions.values() if i.payload is not None)
-
-    def _evaluate(self, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
+    def evaluate(self, round_: int, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
         asked = set(ids)
         waiting = {cid for cid, queued in self.link.pending.items() if queued}
         targets = sorted(asked | (waiting - self.link.silent))
         contents = {cid: _evaluate_message(cid in asked, confusion) for cid in targets}
         scores: dict[int, dict[str, Any] | None] = {}
         unreachable = []
-        for cid, reply in self.link.exchange("evaluate", self.flower.round, contents).items():
+        for cid, reply in self.link.exchange("evaluate", round_, contents).items():
             if isinstance(reply, Exception):
                 log.warning("client %d was not evaluated: %s", cid, reply)
                 unreachable.append(cid)
@@ -240,7 +234,7 @@ class FlowerFederation(Federation):
                 scores[cid] = json.loads(str(reply.content.config_records["scores"]["json"]))
         return {**summarize(scores, self.data.num_classes, confusion), "unreachable": unreachable}
 
-    def _end_round(self, round_: int, record: dict[str, Any]) -> None:
+    def end_round(self, round_: int) -> dict[str, Any]:
         # Instructions of a round without evaluation still reach their clients now (not those of a
         # client that did not answer this round: they wait for its next message).
         waiting = sorted(cid for cid, queued in self.link.pending.items() if queued and cid not in self.link.silent)
@@ -249,8 +243,19 @@ class FlowerFederation(Federation):
             for cid, reply in self.link.exchange("evaluate", round_, apply_only).items():
                 if isinstance(reply, Exception):
                     log.warning("client %d did not receive the round's instructions: %s", cid, reply)
-        record.update(self.link.wire)
-        super()._end_round(round_, record)
+        measured = dict(self.link.wire)
+        self.link.wire = dict.fromkeys(self.link.wire, 0)  # the next round counts afresh
+        self.link.silent.clear()
+        return measured
+
+    def state_dict(self) -> Any:
+        raise RuntimeError("a Flower run keeps its clients on their nodes; it has no checkpoint to write")
+
+    def load_state_dict(self, state: Any) -> None:
+        raise RuntimeError("a Flower run cannot be resumed from a checkpoint; start it again")
+
+    def checkpoint_saved(self) -> None:
+        pass
 
 
 def collapse(instructions: list[Instruction]) -> list[Instruction]:
@@ -276,7 +281,7 @@ def run(exp: Experiment, grid: Grid, timeout: float) -> dict[str, Any]:
     def build(exp: Experiment, sinks: Sequence[Sink], device: Any, group: Any) -> Federation:
         link = Link(grid, exp.data.num_clients, timeout)
         link.connect()
-        return FlowerFederation(link, exp, [sink for sink in sinks if not isinstance(sink, Checkpoint)])
+        return Federation(exp.federation, exp.algorithm, FlowerFleet(link, exp), exp.seed, sinks)
 
     return fit(exp, build=build)
 
