@@ -293,9 +293,9 @@ def _noisy_federation(tmp_path: Path, dropout: float) -> Federation:
     fed = _federation(tmp_path, "standalone")
     model = {"class_path": "test_batched._NoisyCNN", "init_args": {"dropout": dropout}}
     cfg = ClientConfig(zoo=[model])
-    fed.fleet.pool.clients = [  # type: ignore[attr-defined]
-        fed.algorithm.build_client(ClientContext(cid, model, 1, 16, 6, cfg)) for cid in range(len(fed.fleet.pool))
-    ]
+    fed.fleet.pool.clients = {  # type: ignore[attr-defined]
+        cid: fed.algorithm.build_client(ClientContext(cid, model, 1, 16, 6, cfg)) for cid in range(len(fed.fleet.pool))
+    }
     return fed
 
 

@@ -66,23 +66,24 @@ def test_a_run_killed_while_the_store_writes_a_round_resumes_to_the_same_result(
 
 
 def test_a_client_loaded_from_the_disk_store_has_the_initial_weights_of_the_memory_pool(tmp_path) -> None:
-    def build(cid: int) -> torch.nn.Module:
-        model = build_model("cnn3", 1, 16, 4)
+    def build(cid: int) -> torch.nn.Module:  # weights a pure function of the id, as the run's builder makes them
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(100 + cid)
+            model = build_model("cnn3", 1, 16, 4)
         model.client_id = cid  # type: ignore[assignment]
         return model
 
     torch.manual_seed(3)
-    memory = MemoryClients()
+    before = torch.get_rng_state()
+    memory, disk = MemoryClients(), DiskClients(tmp_path / "store")
     memory.populate(build, 4)  # type: ignore[arg-type]
-    after_memory = torch.get_rng_state()
-    torch.manual_seed(3)
-    disk = DiskClients(tmp_path / "store")
     disk.populate(build, 4)  # type: ignore[arg-type]
-    assert torch.equal(torch.get_rng_state(), after_memory)  # later draws are unchanged too
-    for cid in (2, 0, 3):  # in any order, and without disturbing the random stream
+    assert not memory.clients and not disk.live  # nothing is built before it is used
+    for cid in (2, 0, 3):  # in any order
         loaded = disk[cid]
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), memory[cid].state_dict().values()))
-    assert torch.equal(torch.get_rng_state(), after_memory)
+    assert sorted(memory.clients) == [0, 2, 3]  # client 1 was never used: never built
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
     assert sorted(disk.live) == [0, 2, 3] and not list((tmp_path / "store").iterdir())
     disk.release(1)
     assert not disk.live and sorted(p.name for p in (tmp_path / "store").iterdir()) == ["0.r1.pt", "2.r1.pt", "3.r1.pt"]

@@ -239,7 +239,7 @@ def test_inside_a_slurm_job_the_client_trainers_leave_requeueing_to_the_federati
     parser = subcommand_parser(build_parser(), "fit")
     exp = _experiment(parser, parser.parse_args(["--config", str(tiny_config(tmp_path))]))
     exp.data.setup(exp.seed)
-    client = build_federation(exp).clients[0]
+    client = build_federation(exp).fleet.pool[0]  # type: ignore[attr-defined]
     list(SequentialExecutor({"accelerator": "cpu"}).fit([FitJob(client, exp.data.clients[0], seed=1, epochs=1)]))
     environment = seen[0]._accelerator_connector.cluster_environment
     assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False

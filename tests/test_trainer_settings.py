@@ -75,7 +75,7 @@ def test_bad_values_end_in_one_line_naming_them(tmp_path, capsys, setting, named
 def test_a_run_with_clipping_and_accumulation_trains_every_client(tmp_path: Path, policy: str) -> None:
     """Lightning refuses both with manual optimization; the client's step applies them instead."""
     settings = ["--trainer.gradient_clip_val=5", "--trainer.accumulate_grad_batches=2"]
-    main(["fit", "--config", str(tiny_config(tmp_path, on_client_error=policy)), *settings])
+    main(["fit", "--config", str(tiny_config(tmp_path, rounds=3, on_client_error=policy)), *settings])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_failed"] == 0
     assert summary["final_mean_acc"] > 0.5  # two classes per client: it learned
