@@ -63,6 +63,8 @@ DEFAULTS = {
 
 
 def _experiment_parser(description: str) -> ArgumentParser:
+    from lightning.pytorch.loggers import Logger
+
     from fedmoe_pl.algorithms import Algorithm, ClientConfig
     from fedmoe_pl.data import FederatedDataModule
     from fedmoe_pl.federation import FederationConfig
@@ -77,6 +79,12 @@ def _experiment_parser(description: str) -> ArgumentParser:
     parser.add_subclass_arguments(Algorithm, "algorithm")
     parser.add_class_arguments(FederationConfig, "federation")
     parser.add_class_arguments(WandbConfig, "wandb")
+    parser.add_argument(
+        "--loggers",
+        type=list[Logger] | None,
+        default=None,
+        help="Lightning loggers besides W&B (class_path/init_args each), logging every round at step = round",
+    )
     # Only the Trainer arguments a local fit honours; the federation owns the others.
     parser.add_class_arguments(TrainerSettings, "trainer")
     parser.set_defaults(DEFAULTS)
@@ -194,6 +202,7 @@ def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
         federation=init.federation,
         wandb=init.wandb,
         trainer=init.trainer.changed(),
+        loggers=list(init.loggers or []),
         config=as_dict,
         config_yaml=parser.dump(plain, skip_unset=False),
     )

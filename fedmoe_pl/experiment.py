@@ -27,7 +27,7 @@ from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.in_process import InProcessFleet
 from fedmoe_pl.rundir import PREVIOUS_CHECKPOINT, RunDirectory
 from fedmoe_pl.signals import AGENT_STOPS, StopSignals
-from fedmoe_pl.sinks import Checkpoint, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
+from fedmoe_pl.sinks import Checkpoint, LightningLoggers, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
 from fedmoe_pl.trainer_settings import batched_refusals, check_batched, lightning_kwargs
@@ -45,6 +45,7 @@ RESUMABLE_KEYS = (
     "federation.client_store",
     "federation.max_empty_rounds",
     "wandb",
+    "loggers",
     "trainer.accelerator",  # the others (precision, clipping, ...) change results
     "resume",
     "config",
@@ -62,6 +63,7 @@ class Experiment:
     federation: FederationConfig
     wandb: WandbConfig
     trainer: dict[str, Any] = field(default_factory=dict)
+    loggers: list[Any] = field(default_factory=list)  # Lightning loggers besides W&B
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config, as plain data
     config_yaml: str = ""
 
@@ -344,6 +346,7 @@ def _train(
         ProgressBar(),
         SummaryFile(run_dir),
         Plots(run_dir),
+        *([LightningLoggers(exp.loggers, exp.config)] if exp.loggers else []),
     ]
     fed = build(exp, sinks, device, group)
     if checkpoint is not None:

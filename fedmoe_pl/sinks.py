@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from fedmoe_pl.errors import RunError
 from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.tracking import WandbTracker
+from fedmoe_pl.tracking import WandbTracker, round_scalars
 
 if TYPE_CHECKING:
     from fedmoe_pl.federation import Federation
@@ -111,6 +111,41 @@ class Wandb(Sink):
             self.tracker.finish(exit_code=0 if summary["status"] in ("completed", "stopped") else 1)
         except Exception as err:
             log.error("W&B could not finish the run: %s", err)
+
+
+LOGGER_STATUS = {"completed": "success", "stopped": "success", "interrupted": "finished"}  # else "failed"
+
+
+class LightningLoggers(Sink):
+    """Any Lightning ``Logger`` (CSV, TensorBoard, MLflow, ...): the config as hyper-parameters at a
+    fresh start, every round's scalars at ``step = round`` as the W&B sink logs them (per-client values
+    as ``key/client``), and the run's status when it ends.
+
+    Args:
+        loggers: the ``loggers`` of the config, instantiated.
+        config: the resolved config, logged as hyper-parameters.
+    """
+
+    def __init__(self, loggers: list[Any], config: dict[str, Any]) -> None:
+        self.loggers, self.config = loggers, config
+
+    def on_run_start(self, fed: Federation) -> None:
+        if fed.round == 0:
+            for logger in self.loggers:
+                logger.log_hyperparams(self.config)
+
+    def on_round_end(self, fed: Federation, record: dict[str, Any]) -> None:
+        scalars = {k: float(v) for k, v in round_scalars(record).items() if v is not None}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=record["round"])
+            logger.save()
+
+    def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            try:
+                logger.finalize(LOGGER_STATUS.get(summary["status"], "failed"))
+            except Exception as err:  # must not hide why the run ended
+                log.error("logger %s could not finish: %s", type(logger).__name__, err)
 
 
 class ProgressBar(Sink):

@@ -148,15 +148,8 @@ class WandbTracker:
     def log_round(self, record: dict[str, Any], model_names: list[str]) -> None:
         """One round's record at ``step = round``: scalars; per-client values as ``key/client``; a
         per-client table; per-(client, class) values as tables; ``*_hist`` counts as histograms."""
-        flat = {k: v for k, v in record.items() if isinstance(v, int | float | None) and k != "round"}
-        flat.update(num_dropped=len(record.get("dropped", [])), num_failed=len(record.get("failed", [])))
-        per_client = {
-            k: v
-            for k, v in record.items()
-            if isinstance(v, dict) and all(not isinstance(x, dict | list) for x in v.values())
-        }
-        for key, values in per_client.items():
-            flat.update({f"{key}/{k}": v for k, v in values.items()})
+        flat = round_scalars(record)
+        per_client = _per_client(record)
         tables = {}
         if "client_acc" in per_client:
             columns = ["client", "model", *per_client]
@@ -192,3 +185,22 @@ class WandbTracker:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def _per_client(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A record's per-client values: ``{key: {client: value}}``."""
+    return {
+        k: v
+        for k, v in record.items()
+        if isinstance(v, dict) and all(not isinstance(x, dict | list) for x in v.values())
+    }
+
+
+def round_scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """A round's record as scalars (``round`` left out: it is the step): its numbers, the counts of
+    dropped and failed clients, and per-client values as ``key/client``."""
+    flat = {k: v for k, v in record.items() if isinstance(v, int | float | None) and k != "round"}
+    flat.update(num_dropped=len(record.get("dropped", [])), num_failed=len(record.get("failed", [])))
+    for key, values in _per_client(record).items():
+        flat.update({f"{key}/{k}": v for k, v in values.items()})
+    return flat
