@@ -79,8 +79,9 @@ def state_payload(module: nn.Module) -> Payload:
 class FederatedClient(L.LightningModule):
     """Base LightningModule of a federated client: cross-entropy, SGD, upload/download, evaluation.
 
-    Subclasses implement :meth:`forward` and, where they share something, :meth:`upload` and
-    :meth:`download`. Per-client Trainers log nothing; the federation reads :attr:`train_loss`
+    Subclasses implement :meth:`forward` and, where they share a sub-module, name it ``shared``
+    (an attribute or a property): :meth:`upload` and :meth:`download` move its state. Clients that
+    share something else override the two. Per-client Trainers log nothing; the federation reads :attr:`train_loss`
     and :meth:`evaluate` instead.
 
     Args:
@@ -133,11 +134,17 @@ class FederatedClient(L.LightningModule):
         return self(x), {}
 
     def upload(self) -> Payload:
-        """What this client sends to the server after local training."""
-        return {}
+        """What this client sends to the server after local training: by default the state of its
+        ``shared`` sub-module (an attribute or a property naming the part that crosses the wire), or
+        nothing for a client without one."""
+        shared = getattr(self, "shared", None)
+        return {} if shared is None else state_payload(shared)
 
     def download(self, payload: Payload) -> None:
-        """Apply state the server sent."""
+        """Apply state the server sent: by default, load it into the ``shared`` sub-module."""
+        shared = getattr(self, "shared", None)
+        if shared is not None:
+            shared.load_state_dict(payload)
 
     def configure_round(self, **settings: Any) -> None:
         """Apply per-round settings the server sent (a compression level, say); none by default."""

@@ -39,12 +39,6 @@ class MutualClient(FederatedClient):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.private(x)  # type: ignore[no-any-return]
 
-    def upload(self) -> Payload:
-        return state_payload(self.shared)
-
-    def download(self, payload: Payload) -> None:
-        self.shared.load_state_dict(payload)
-
 
 class MutualAlgorithm(Algorithm):
     """Builds (private, shared) pairs; averages the shared models by sample count.

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedmoe_pl.aggregation import Payload
 from fedmoe_pl.algorithms.base import Algorithm, check_number
-from fedmoe_pl.algorithms.client import ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.client import ClientContext, FederatedClient
 from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, check_model_spec, parts
 
 
@@ -54,12 +53,6 @@ class PFedMoEClient(FederatedClient):
     def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, weights = self.moe(x)
         return logits, {"gate_global": weights[:, 0]}
-
-    def upload(self) -> Payload:
-        return state_payload(self.shared)
-
-    def download(self, payload: Payload) -> None:
-        self.shared.load_state_dict(payload)
 
     def param_groups(self) -> list[dict[str, Any]]:
         gate = list(self.moe.gate.parameters())

@@ -67,8 +67,10 @@ def _own_where_unknown(targets: torch.Tensor, values: torch.Tensor, known: torch
 class FedGHClient(StatsClient):
     """A FedGH client: uploads per-class mean representations; the server's global head replaces its own."""
 
-    def download(self, payload: Payload) -> None:
-        self.model.head.load_state_dict(payload)
+    @property
+    def shared(self) -> torch.nn.Module:
+        """What comes down: the server's global head replaces this one (what goes up are statistics)."""
+        return self.model.head  # type: ignore[no-any-return]
 
 
 class FedGH(Algorithm):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fedmoe_pl.aggregation import Payload
+from torch import nn
+
 from fedmoe_pl.algorithms.base import Algorithm
-from fedmoe_pl.algorithms.client import ClientConfig, ClientContext, state_payload
+from fedmoe_pl.algorithms.client import ClientConfig, ClientContext
 from fedmoe_pl.algorithms.model_client import ModelClient
 
 
@@ -18,11 +19,9 @@ class Standalone(Algorithm):
 class WholeModelClient(ModelClient):
     """A FedAvg client: uploads its whole model and replaces it with the server's average."""
 
-    def upload(self) -> Payload:
-        return state_payload(self.model)
-
-    def download(self, payload: Payload) -> None:
-        self.model.load_state_dict(payload)
+    @property
+    def shared(self) -> nn.Module:
+        return self.model  # type: ignore[no-any-return]
 
 
 class FedAvg(Algorithm):
@@ -46,11 +45,9 @@ class FedAvg(Algorithm):
 class HeadClient(ModelClient):
     """An LG-FedAvg client: shares its head, keeps its extractor."""
 
-    def upload(self) -> Payload:
-        return state_payload(self.model.head)
-
-    def download(self, payload: Payload) -> None:
-        self.model.head.load_state_dict(payload)
+    @property
+    def shared(self) -> nn.Module:
+        return self.model.head  # type: ignore[no-any-return]
 
 
 class LGFedAvg(Algorithm):
