@@ -177,7 +177,7 @@ class BatchedExecutor:
         trainer: the ``trainer`` settings (:class:`~fedmoe_pl.trainer_settings.TrainerSettings`):
             ``precision: bf16-mixed`` runs the forward pass under bfloat16 autocast (fp32 otherwise),
             clipping and accumulation as the client's step; any other setting is refused.
-        max_group: the most clients stacked in one step. Default: all of a group on a GPU, one on
+        batched_group: the most clients stacked in one step. Default: all of a group on a GPU, one on
             a CPU — there a single client's convolutions already keep the cores busy, and vmap's
             batched convolution and pooling are slower than the plain ones (measured in
             ``benchmarks/round_overhead.py``), so each client takes the plain loop's steps.
@@ -191,15 +191,15 @@ class BatchedExecutor:
         device: torch.device | str = "cpu",
         fallback: Executor | None = None,
         trainer: dict[str, Any] | None = None,
-        max_group: int | None = None,
+        batched_group: int | None = None,
         across_architectures: bool = True,
     ) -> None:
         trainer = dict(trainer or {})
         check_batched(trainer)
         self.device = torch.device(device)
-        self.max_group = max_group if max_group is not None else (1 if self.device.type == "cpu" else None)
-        if self.max_group is not None and self.max_group < 1:
-            raise ValueError(f"max_group must be a positive number of clients, got {max_group}")
+        self.batched_group = batched_group if batched_group is not None else (1 if self.device.type == "cpu" else None)
+        if self.batched_group is not None and self.batched_group < 1:
+            raise ValueError(f"batched_group must be a positive number of clients, got {batched_group}")
         self.fallback = fallback or SequentialExecutor({"accelerator": "cpu"} if self.device.type == "cpu" else {})
         self.autocast = str(trainer.get("precision")) in ("bf16-mixed", "bf16")
         self.rules = StepRules.from_trainer(trainer)
@@ -207,7 +207,7 @@ class BatchedExecutor:
         self.key = group_key if across_architectures else architecture_key
 
     def groups(self, jobs: Sequence[FitJob]) -> tuple[list[list[int]], list[int]]:
-        """Which jobs train stacked together (each list at most ``max_group`` long), and which alone
+        """Which jobs train stacked together (each list at most ``batched_group`` long), and which alone
         with the fallback executor (clients that are not batchable); positions in ``jobs``."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         sequential = []
@@ -216,7 +216,7 @@ class BatchedExecutor:
                 groups.setdefault(self.key(job.client), []).append(index)
             else:
                 sequential.append(index)
-        size = self.max_group or len(jobs)
+        size = self.batched_group or len(jobs)
         return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)], sequential
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:

@@ -129,14 +129,21 @@ def _grid_parser() -> ArgumentParser:
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="list the cells only")
     parser.add_argument("--launcher", type=Literal["local", "slurm"], default="local", help="where cells run")
     parser.add_argument("--output", type=str | None, default=None, help="folder of the runs (the grid's output)")
-    for name, kind, what in (
-        ("partition", str | None, "Slurm partition"),
-        ("time", str | None, "time limit per task, e.g. 1-00:00:00"),
-        ("gpus", int | None, "GPUs per task"),
-        ("account", str | None, "account to charge"),
-        ("throttle", int | None, "most tasks running at once"),
-    ):
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"{what} (overrides the grid file)")
+    # Every Slurm option of a grid file's ``slurm:`` section is also a flag, named and typed as there.
+    import typing
+    from dataclasses import fields
+
+    from fedmoe_pl.grid import SlurmOptions, option_help
+
+    kinds, helps = typing.get_type_hints(SlurmOptions), option_help(SlurmOptions)
+    for option in fields(SlurmOptions):
+        kind = kinds[option.name]
+        parser.add_argument(
+            f"--{option.name}",
+            type=kind if type(None) in typing.get_args(kind) else kind | None,
+            default=None,
+            help=f"{helps.get(option.name, option.name)} (overrides the grid file's slurm: section)",
+        )
     return parser
 
 
@@ -169,11 +176,13 @@ def _grid(cfg: Namespace) -> int:
             print(describe(cells))
             return 0
         return run_local(cells)
+    from dataclasses import fields
+
     from fedmoe_pl.slurm import submit
 
-    for name in ("partition", "time", "gpus", "account", "throttle"):
-        if cfg[name] is not None:
-            setattr(grid.slurm, name, cfg[name])
+    for option in fields(grid.slurm):
+        if cfg[option.name] is not None:
+            setattr(grid.slurm, option.name, cfg[option.name])
     if cfg.dry_run:
         print(describe(cells))
     submit(grid, cells, grid.slurm, dry_run=cfg.dry_run)

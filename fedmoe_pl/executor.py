@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.data import ClientDataModule
 from fedmoe_pl.fleet import FitOutcome, diverged
-from fedmoe_pl.trainer_settings import StepRules, lightning_kwargs
+from fedmoe_pl.trainer_settings import FEDERATION_OWNED, StepRules, lightning_kwargs
 
 
 @dataclass
@@ -115,13 +115,8 @@ class SequentialExecutor:
             **self._lightning_kwargs,
             devices=self.devices,
             max_epochs=job.epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
             plugins=self.plugins,
+            **FEDERATION_OWNED,
         )
         job.data.keep_on(trainer.strategy.root_device)  # on a GPU: the shard stays there, batches are slices
         # A model that draws random numbers while training (dropout) draws them from the fit's own

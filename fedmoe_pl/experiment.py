@@ -30,7 +30,7 @@ from fedmoe_pl.signals import AGENT_STOPS, StopSignals
 from fedmoe_pl.sinks import Checkpoint, LightningLoggers, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.sweep import SweepRun
 from fedmoe_pl.tracking import WandbConfig, WandbTracker
-from fedmoe_pl.trainer_settings import batched_refusals, check_batched, lightning_kwargs
+from fedmoe_pl.trainer_settings import FEDERATION_OWNED, batched_refusals, check_batched, lightning_kwargs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,14 +96,7 @@ def training_device(trainer: dict[str, Any], plugins: Sequence[Any] = ()) -> tor
     is written.
     """
     try:
-        probe = L.Trainer(
-            **lightning_kwargs(trainer),
-            devices=1,
-            plugins=list(plugins),
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-        )
+        probe = L.Trainer(**lightning_kwargs(trainer), devices=1, plugins=list(plugins), **FEDERATION_OWNED)
         return probe.strategy.root_device
     except Exception as err:
         raise ValueError(
@@ -305,7 +298,7 @@ def build_federation(
         executor = SequentialExecutor(exp.trainer, [SingleProcessEnvironment()], [group.cuda_index()] if gpu else 1)
         evaluator = Evaluator(device, enabled=group.leader)
     if uses_batched(exp.federation.executor, torch.device(device), exp.trainer):
-        executor = BatchedExecutor(device, executor, exp.trainer, max_group=exp.federation.batched_group)
+        executor = BatchedExecutor(device, executor, exp.trainer, batched_group=exp.federation.batched_group)
     if group is not None:
         executor = DistributedExecutor(executor, group)
     pool = client_pool(exp.federation, group)

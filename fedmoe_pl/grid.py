@@ -95,6 +95,23 @@ class SlurmOptions:
     extra: list[str] = field(default_factory=list)
 
 
+def option_help(cls: type) -> dict[str, str]:
+    """Each field's description from a class docstring's ``Args:`` section (continuation lines joined)."""
+    out: dict[str, str] = {}
+    name, in_args = None, False
+    for line in (cls.__doc__ or "").splitlines():
+        text, indent = line.strip(), len(line) - len(line.lstrip())
+        found = re.match(r"^(\w+): (.*)$", text)
+        if text == "Args:":
+            in_args = True
+        elif in_args and found and indent == 8:  # "name: text" at the arguments' indentation
+            name = found.group(1)
+            out[name] = found.group(2)
+        elif in_args and name and text:
+            out[name] += " " + text
+    return out
+
+
 @dataclass
 class Grid:
     """A parsed grid file; :meth:`cells` expands it."""

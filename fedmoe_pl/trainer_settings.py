@@ -29,6 +29,18 @@ PRECISIONS = (
 )
 FULL_PRECISION = (None, "32-true", "32", 32)
 
+# What the federation tells every Trainer it builds (a local fit, or the probe that resolves the
+# device): it logs, checkpoints, validates and reports progress itself. ``devices``, ``max_epochs``
+# and ``plugins`` are the executor's, per fit.
+FEDERATION_OWNED: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+
 # Settings the client's manual step applies; the rest go to the Trainer of a sequential fit.
 STEP_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 

@@ -51,10 +51,10 @@ def _jobs(fed: Federation) -> list:
     return fed.fleet.jobs(fed.cohort(1, range(fed.fleet.num_clients)))  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("max_group", [6, 1], ids=["stacked", "one-at-a-time"])
+@pytest.mark.parametrize("batched_group", [6, 1], ids=["stacked", "one-at-a-time"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, method: str, max_group) -> None:
-    """``max_group=6`` stacks every client of an architecture (3 here), as a GPU does by default."""
+def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, method: str, batched_group) -> None:
+    """``batched_group=6`` stacks every client of an architecture (3 here), as a GPU does by default."""
     fed = _federation(tmp_path, method)
     jobs = _jobs(fed)
     sizes = {job.data.num_train for job in jobs}
@@ -64,14 +64,14 @@ def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, 
     expected = [copy.deepcopy(c.state_dict()) for c in fed.fleet.pool]
     for client, state in zip(fed.fleet.pool, start):
         client.load_state_dict(state)
-    batched = list(BatchedExecutor("cpu", max_group=max_group).fit(jobs))
+    batched = list(BatchedExecutor("cpu", batched_group=batched_group).fit(jobs))
     for k, client in enumerate(fed.fleet.pool):
         assert batched[k].error is None and batched[k].result is not None
         got = client.state_dict()
         for name, value in expected[k].items():
             moved = (value.float() - start[k][name].float()).abs().max()
             assert moved > 0 or "running" in name or value.dtype == torch.long  # training changed it
-            if max_group == 1:  # the sequential step op for op: equal to the bit
+            if batched_group == 1:  # the sequential step op for op: equal to the bit
                 assert torch.equal(got[name], value), f"client {k} {name}"
             else:  # stacked under vmap: float rounding only
                 torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"client {k} {name}")
@@ -79,7 +79,7 @@ def test_batched_executor_round_gives_the_sequential_parameters(tmp_path: Path, 
         assert seq_result is not None
         assert batched[k].result.num_samples == seq_result.num_samples
         loss = seq_result.metrics["train_loss"]
-        if max_group == 1:
+        if batched_group == 1:
             assert batched[k].result.metrics["train_loss"] == loss
         else:
             assert batched[k].result.metrics["train_loss"] == pytest.approx(loss, rel=1e-5)
@@ -94,14 +94,14 @@ def test_pfedmoe_clients_of_every_architecture_form_one_group_and_other_methods_
     round, local experts and heads stacked per architecture (the equivalence tests above run it)."""
     from fedmoe_pl.batched import _Common, _Loss, architecture_key
 
-    executor = BatchedExecutor("cpu", max_group=6)
+    executor = BatchedExecutor("cpu", batched_group=6)
     for method, expected in (("pfedmoe", [[0, 1, 2, 3, 4, 5]]), ("standalone", [[0, 2, 4], [1, 3, 5]])):
         (tmp_path / method).mkdir()
         fed = _federation(tmp_path / method, method)
         jobs = _jobs(fed)
         assert len({architecture_key(c) for c in fed.fleet.pool}) == 2
         assert executor.groups(jobs) == (expected, [])
-        apart = BatchedExecutor("cpu", max_group=6, across_architectures=False)
+        apart = BatchedExecutor("cpu", batched_group=6, across_architectures=False)
         assert apart.groups(jobs) == ([[0, 2, 4], [1, 3, 5]], [])
         if method == "pfedmoe":
             plan = executor._plan(list(fed.fleet.pool)[:4])
@@ -113,8 +113,8 @@ def test_pfedmoe_clients_of_every_architecture_form_one_group_and_other_methods_
         else:
             plan = executor._plan([fed.fleet.pool[0], fed.fleet.pool[2]])
             assert isinstance(plan.shell, _Loss) and not plan.own
-    assert BatchedExecutor("cpu", max_group=4).groups(jobs)[0] == [[0, 2, 4], [1, 3, 5]]
-    assert BatchedExecutor("cpu", max_group=2).groups(jobs)[0] == [[0, 2], [4], [1, 3], [5]]
+    assert BatchedExecutor("cpu", batched_group=4).groups(jobs)[0] == [[0, 2, 4], [1, 3, 5]]
+    assert BatchedExecutor("cpu", batched_group=2).groups(jobs)[0] == [[0, 2], [4], [1, 3], [5]]
 
 
 def test_batched_executor_trains_clients_that_are_not_batchable_one_by_one(tmp_path: Path) -> None:
@@ -208,8 +208,8 @@ def test_clipping_and_accumulation_agree_between_the_executors_tensor_for_tensor
     fed = _federation(tmp_path, "pfedmoe")
     plain, _ = _round(fed, SequentialExecutor({"accelerator": "cpu"}))
     sequential, seq_out = _round(fed, SequentialExecutor(settings))
-    one, one_out = _round(fed, BatchedExecutor("cpu", trainer=settings, max_group=1))
-    stacked, stacked_out = _round(fed, BatchedExecutor("cpu", trainer=settings, max_group=6))
+    one, one_out = _round(fed, BatchedExecutor("cpu", trainer=settings, batched_group=1))
+    stacked, stacked_out = _round(fed, BatchedExecutor("cpu", trainer=settings, batched_group=6))
     for k in range(len(fed.fleet.pool)):
         assert seq_out[k].error is None and one_out[k].error is None and stacked_out[k].error is None
         assert any(not torch.equal(sequential[k][n], v) for n, v in plain[k].items()), "the rule changed nothing"
@@ -304,7 +304,7 @@ def test_stacked_clients_leave_a_parameter_without_gradient_alone_and_keep_non_p
 ) -> None:
     fed = _noisy_federation(tmp_path, dropout=0.0)
     sequential, _ = _round(fed, SequentialExecutor({"accelerator": "cpu"}))
-    stacked, outcomes = _round(fed, BatchedExecutor("cpu", max_group=6))
+    stacked, outcomes = _round(fed, BatchedExecutor("cpu", batched_group=6))
     for k, outcome in enumerate(outcomes):
         assert outcome.error is None, outcome.error
         assert torch.equal(stacked[k]["model.unused"], torch.ones(3))  # weight decay did not touch it
@@ -318,7 +318,7 @@ def test_a_stacked_group_that_cannot_vmap_trains_one_at_a_time_and_a_failure_sta
     fed = _noisy_federation(tmp_path, dropout=0.2)
     broken = fed.fleet.pool.clients[1]
     broken.training_loss = lambda x, y: (_ for _ in ()).throw(RuntimeError("client 1 is broken"))  # type: ignore[method-assign]
-    outcomes = list(BatchedExecutor("cpu", max_group=6).fit(_jobs(fed)))
+    outcomes = list(BatchedExecutor("cpu", batched_group=6).fit(_jobs(fed)))
     assert "train one at a time" in caplog.text
     assert isinstance(outcomes[1].error, RuntimeError) and "client 1 is broken" in str(outcomes[1].error)
     for k, outcome in enumerate(outcomes):

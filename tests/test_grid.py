@@ -177,6 +177,24 @@ def test_sbatch_script_requeues_on_usr1_and_takes_the_flags(tmp_path: Path, caps
     assert "--account" not in script and "#SBATCH --array=1%5" in script
 
 
+def test_every_slurm_option_of_a_grid_file_is_also_a_flag(tmp_path: Path, capsys) -> None:
+    from dataclasses import fields
+
+    from fedmoe_pl.cli import build_parser
+    from fedmoe_pl.grid import SlurmOptions
+
+    grid_parser = build_parser()._subcommands_action._name_parser_map["grid"]
+    flags = {opt for action in grid_parser._actions for opt in action.option_strings}
+    assert {f"--{option.name}" for option in fields(SlurmOptions)} <= flags
+    tiny_config(tmp_path)
+    grid_file = _grid_file(tmp_path, {"base": "tiny.yaml", "axes": {}, "seeds": [0], "slurm": {"mem": "4G"}})
+    argv = ["--mem", "16G", "--cpus_per_task", "6", "--signal_lead_s", "300", "--extra", '["--qos=long"]']
+    main(["grid", str(grid_file), "--launcher", "slurm", "--dry-run", *argv])
+    lines = capsys.readouterr().out.splitlines()
+    for line in ("#SBATCH --mem=16G", "#SBATCH --cpus-per-task=6", "#SBATCH --signal=USR1@300", "#SBATCH --qos=long"):
+        assert line in lines
+
+
 def test_requeue_self_names_the_array_task(tmp_path: Path, monkeypatch) -> None:
     fake = tmp_path / "bin" / "scontrol"
     fake.parent.mkdir()
