@@ -25,7 +25,7 @@ from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.executor import Executor, SequentialExecutor
 from fedmoe_pl.federation import Federation, FederationConfig
 from fedmoe_pl.in_process import InProcessFleet
-from fedmoe_pl.rundir import PREVIOUS_CHECKPOINT, RunDirectory
+from fedmoe_pl.rundir import CONFIG, PARTITION, PREVIOUS_CHECKPOINT, SUMMARY, RunDirectory
 from fedmoe_pl.signals import AGENT_STOPS, StopSignals
 from fedmoe_pl.sinks import Checkpoint, LightningLoggers, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
 from fedmoe_pl.sweep import SweepRun
@@ -322,9 +322,9 @@ def _train(
             fed.load_state_dict(checkpoint)
         with stop_signals() as signals:
             return fed.run(signals)
-    run_dir.write_text("config.yaml", exp.config_yaml)
+    run_dir.write_text(CONFIG, exp.config_yaml)
     partition = exp.data.report()
-    run_dir.write_json("partition.json", partition)
+    run_dir.write_json(PARTITION, partition)
     tracker = WandbTracker(exp.wandb, run_dir.path, exp.config, checkpoint["meta"]["wandb_id"] if checkpoint else None)
     classes = range(partition["num_classes"])
     table = (
@@ -345,7 +345,7 @@ def _train(
     if checkpoint is not None:
         fed.load_state_dict(checkpoint)
     if (watch := rank_watch.active()) is not None:  # another rank failed: the summary says so
-        watch.hooks.append(lambda reason: run_dir.write_json("summary.json", fed.summary("failed", reason)))
+        watch.hooks.append(lambda reason: run_dir.write_json(SUMMARY, fed.summary("failed", reason)))
     with stop_signals() as signals:
         return fed.run(signals)
 

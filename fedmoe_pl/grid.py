@@ -32,7 +32,9 @@ from typing import Any
 
 import yaml
 
-CELL_FILE = "cell.json"  # written into each cell's run directory: its axes, for the report
+from fedmoe_pl.rundir import CELL, RunDirectory
+
+CELL_FILE = CELL  # written into each cell's run directory: its axes, for the report
 _VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
@@ -58,13 +60,10 @@ class Cell:
 
     def status(self) -> str:
         """``finished``, ``started`` (a checkpoint to resume from) or ``new``."""
-        summary = Path(self.run_dir) / "summary.json"
-        try:
-            if json.loads(summary.read_text()).get("status") == "completed":
-                return "finished"
-        except (OSError, ValueError):
-            pass
-        return "started" if (Path(self.run_dir) / "last.ckpt").exists() else "new"
+        run = RunDirectory(self.run_dir)
+        if run.status == "completed":
+            return "finished"
+        return "started" if run.checkpoint_path.exists() else "new"
 
 
 @dataclass

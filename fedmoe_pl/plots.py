@@ -12,13 +12,12 @@ Written at the end of every run and by ``fedmoe-pl plot RUN_DIR`` (also for an i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedmoe_pl.rundir import make_folder
+from fedmoe_pl.rundir import METRICS, PARTITION, RunDirectory, make_folder
 
 HIST_CLIENTS = 4  # clients shown in the gate-histogram figure
 
@@ -33,18 +32,18 @@ def _pyplot() -> Any:
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl: is it a run directory with a finished round?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = RunDirectory(run_dir).read_metrics()
+    if not rows:
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {METRICS}: is it a run directory with a finished round?")
+    return rows
 
 
 def class_names(run_dir: Path, rows: list[dict[str, Any]], gate: str) -> list[str]:
     """The dataset's class names from ``partition.json``, or label numbers up to the largest gated class."""
     try:
-        partition = json.loads((run_dir / "partition.json").read_text())
+        partition = RunDirectory(run_dir).read_json(PARTITION)
         return list(partition.get("classes") or map(str, range(int(partition["num_classes"]))))
-    except (OSError, ValueError, KeyError):
+    except (AttributeError, ValueError, KeyError):
         top = max(int(c) for r in rows for m in r.get(f"{gate}_class_mean", {}).values() for c in m)
         return [str(c) for c in range(top + 1)]
 
@@ -194,10 +193,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     rows = _rows(run_dir)
     if not rows:
         raise ValueError(f"{str(run_dir)!r} has no completed round yet; nothing to plot")
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
+    summary = RunDirectory(run_dir).read_summary() or {}
     make_folder(out, "--output")
     written = [plot_communication(rows, out)]
     if any(r.get("mean_acc") is not None for r in rows):

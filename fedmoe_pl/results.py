@@ -9,7 +9,6 @@ count; the others are listed under the table.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from fedmoe_pl.grid import CELL_FILE
-from fedmoe_pl.rundir import make_folder
+from fedmoe_pl.rundir import CELL, SUMMARY, RunDirectory, make_folder
 
 FIRST = ("pfedmoe", "standalone")  # listed first; the other methods alphabetically
 
@@ -58,12 +55,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
     for path in paths:
         if not path.is_dir():
             raise FileNotFoundError(f"{str(path)!r} is not a directory; give run directories or a grid's output")
-        if (path / "summary.json").is_file():
+        if (path / SUMMARY).is_file():
             found.append(path)
         else:
-            found += sorted(p.parent for p in path.rglob("summary.json") if ".slurm" not in p.parts)
+            found += sorted(p.parent for p in path.rglob(SUMMARY) if ".slurm" not in p.parts)
     if not found:
-        raise FileNotFoundError(f"no run directory (a folder with summary.json) under {[str(p) for p in paths]}")
+        raise FileNotFoundError(f"no run directory (a folder with {SUMMARY}) under {[str(p) for p in paths]}")
     return list(dict.fromkeys(found))
 
 
@@ -79,28 +76,25 @@ def _describe(config: dict[str, Any]) -> tuple[str, str]:
 
 def load_run(path: Path) -> Run:
     """A run directory's summary, its evaluated rounds and accuracies, its method, setting and seed."""
-    summary = json.loads((path / "summary.json").read_text())
-    cell_file = path / CELL_FILE
-    if cell_file.is_file():
-        cell = json.loads(cell_file.read_text())
+    run_dir = RunDirectory(path)
+    summary = run_dir.read_summary() or {}
+    cell = run_dir.read_json(CELL)
+    if cell is not None:
         axes = dict(cell["axes"])
         method = axes.pop("method", None)
         seed = int(cell["seed"])
         setting = "-".join(axes.values()) or "-"
         if method is None:
-            method = _describe(yaml.safe_load((path / "config.yaml").read_text()))[0]
+            method = _describe(run_dir.read_config())[0]
     else:
-        config = yaml.safe_load((path / "config.yaml").read_text())
+        config = run_dir.read_config()
         method, setting = _describe(config)
         seed = int(config.get("seed_everything", 0))
     run = Run(path, method, setting, seed, summary)
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("mean_acc") is not None:
-                run.rounds.append(int(row["round"]))
-                run.accs.append(float(row["mean_acc"]))
+    for row in run_dir.read_metrics():
+        if row.get("mean_acc") is not None:
+            run.rounds.append(int(row["round"]))
+            run.accs.append(float(row["mean_acc"]))
     return run
 
 

@@ -15,13 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 from filelock import FileLock, Timeout
 
 from fedmoe_pl.errors import RunError
 
 log = logging.getLogger(__name__)
 
+# The run directory's files: this module writes and reads them; other modules use its names and readers.
+CONFIG = "config.yaml"  # the resolved config
+PARTITION = "partition.json"  # who holds which classes
+METRICS = "metrics.jsonl"  # one line per evaluated round
+SUMMARY = "summary.json"  # how the run ended, written however it ends
+CELL = "cell.json"  # a grid cell's axes and seed (runs started by ``fedmoe-pl grid``)
 CHECKPOINT = "last.ckpt"
 PREVIOUS_CHECKPOINT = "previous.ckpt"  # the one before: what a resume falls back to if the last one's files are lost
 CHECKPOINT_KEYS = ("format", "round", "schedule", "clients", "server", "meta")
@@ -119,7 +124,7 @@ class RunDirectory:
         return (
             self.checkpoint_path.exists()
             or (self.path / PREVIOUS_CHECKPOINT).exists()
-            or (self.path / "metrics.jsonl").exists()
+            or (self.path / METRICS).exists()
         )
 
     def acquire(self) -> None:
@@ -153,7 +158,7 @@ class RunDirectory:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one strict-JSON line; a failed append is cut back so no partial line remains."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS
         line = (to_json(record) + "\n").encode()
         with open(path, "ab") as fh:
             size = fh.tell()
@@ -166,17 +171,43 @@ class RunDirectory:
                 raise _write_failed(path, err) from err
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
+        """The evaluated rounds' records, in order ([] before the first)."""
+        path = self.path / METRICS
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the run (``SUMMARY``, ``PARTITION``, ``CELL``), or None when it is absent or unreadable."""
+        try:
+            return json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return self.read_json(SUMMARY)  # type: ignore[no-any-return]
+
+    def read_config(self) -> dict[str, Any]:
+        """The run's resolved config."""
+        import yaml
+
+        return yaml.safe_load((self.path / CONFIG).read_text())  # type: ignore[no-any-return]
+
+    @property
+    def status(self) -> str | None:
+        """How the run ended (``completed``, ``interrupted``, ``stopped``, ``failed``); None while it has
+        no summary (running, or killed before it could write one)."""
+        summary = self.read_summary()
+        return None if summary is None else summary.get("status")
+
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (written after the last checkpoint)."""
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
-        self.write_text("metrics.jsonl", "".join(to_json(r) + "\n" for r in kept))
+        self.write_text(METRICS, "".join(to_json(r) + "\n" for r in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        import torch  # here, not at the top: the command line's parsers read this module's names
+
         _atomic_write_bytes(self.checkpoint_path, lambda fh: torch.save(state, fh), self.path / PREVIOUS_CHECKPOINT)
 
     @staticmethod
@@ -198,6 +229,8 @@ class RunDirectory:
                 f"{CHECKPOINT} or the path of a checkpoint file"
             )
         try:
+            import torch
+
             state = torch.load(file, map_location="cpu", weights_only=False)
             missing = [key for key in CHECKPOINT_KEYS if key not in state]
         except Exception as err:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from fedmoe_pl.errors import RunError
-from fedmoe_pl.rundir import RunDirectory
+from fedmoe_pl.rundir import SUMMARY, RunDirectory
 from fedmoe_pl.tracking import WandbTracker, round_scalars
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class SummaryFile(Sink):
 
     def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
         try:
-            self.run_dir.write_json("summary.json", summary)
+            self.run_dir.write_json(SUMMARY, summary)
         except RunError as err:  # must not hide why the run ended
             log.error("%s", err)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -23,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+
+from fedmoe_pl.rundir import RunDirectory
 
 APP_DIR = Path(__file__).resolve().parent / "app"  # the Flower app (its pyproject.toml), installed with the package
 HOST = "127.0.0.1"
@@ -223,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     args, fit_args = parser.parse_known_args(argv)
     from fedmoe_pl.cli import experiment_from_args
     from fedmoe_pl.flower import require_flower
-    from fedmoe_pl.rundir import RunDirectory
 
     require_flower()
     try:
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 submitted.terminate()
                 submitted.wait()
     # `flwr run` exits 0 whatever became of the run: the run directory's summary says.
-    summary = run_dir / "summary.json"
-    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    status = RunDirectory(run_dir).status
     if code == 0 and status != "completed":
         print(f"error: the run did not complete (status {status}); see the log above and {workdir}", file=sys.stderr)
         return 1
