@@ -122,7 +122,17 @@ class SequentialExecutor:
         # A model that draws random numbers while training (dropout) draws them from the fit's own
         # seed, not from a stream shared by every fit: a resumed run needs no saved random state.
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(job.seed)
-            trainer.fit(job.client, datamodule=job.data)
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(job.seed)
+                trainer.fit(job.client, datamodule=job.data)
+        finally:
+            # Lightning leaves the Trainer on the module and on the shard, and the last step's
+            # gradients on the parameters; the shard lives for the whole run, so the Trainer (and
+            # through it the client, its optimizer's momentum and gradients) would outlive the
+            # client's round: a disk store's client would never leave memory.
+            job.data.trainer = None
+            job.client.trainer = None  # type: ignore[assignment]
+            for param in job.client.parameters():
+                param.grad = None
         return job.client.train_loss

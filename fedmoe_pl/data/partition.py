@@ -154,10 +154,13 @@ def scale_counts(reference: np.ndarray, class_counts: np.ndarray, rng: np.random
 
 def assign(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     """Deal out sorted, disjoint index arrays, client i receiving ``counts[i, c]`` samples of class c."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(counts.shape[0])]
+    clients = counts.shape[0]
+    owners, dealt = [], []
     for c in range(counts.shape[1]):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        bounds = np.cumsum(counts[:, c])[:-1]
-        for i, chunk in enumerate(np.split(idx[: counts[:, c].sum()], bounds)):
-            parts[i].append(chunk)
-    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+        dealt.append(idx[: counts[:, c].sum()])
+        owners.append(np.repeat(np.arange(clients), counts[:, c]))  # client i takes the next counts[i, c]
+    owner, index = np.concatenate(owners), np.concatenate(dealt).astype(np.int64)
+    order = np.lexsort((index, owner))  # by client, then by sample index
+    bounds = np.cumsum(np.bincount(owner, minlength=clients))[:-1]
+    return np.split(index[order], bounds)
