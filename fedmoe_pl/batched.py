@@ -363,10 +363,11 @@ class BatchedExecutor:
                 common = vmap(lambda p_, b_, x_: functional_call(plan.shell, (p_, b_), (x_,)))(p, b, x)
                 parts, order = [], []
                 for stack, shell in plan.own:
-                    mine = [k for k in members if k in stack.row]
-                    if not mine:
+                    positions = [i for i, k in enumerate(members) if k in stack.row]  # in the bucket
+                    if not positions:
                         continue
-                    at = self.index([i for i, k in enumerate(members) if k in stack.row], len(members))
+                    mine = [members[i] for i in positions]
+                    at = self.index(positions, len(members))
                     po, bo = select(stack, mine)
                     c, xs, ys = (tuple(_take(t, at) for t in common), _take(x, at), _take(y, at))
                     parts.append(
@@ -374,7 +375,7 @@ class BatchedExecutor:
                             po, bo, c, xs, ys
                         )
                     )
-                    order += [members.index(k) for k in mine]
+                    order += positions
                 joined = torch.cat(parts)
                 back = self.index(sorted(range(len(order)), key=order.__getitem__), len(order))
                 losses = joined if back is None else joined.index_select(0, back)  # in ``members`` order
