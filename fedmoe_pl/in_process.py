@@ -79,7 +79,7 @@ class InProcessFleet:
         self.fingerprint = data.fingerprint
         self._flops: dict[str, float] = {}  # by model name: clients of one architecture cost the same
         self._params: dict[str, int] = {}
-        untested = [cid for cid, shard in enumerate(data.clients) if shard.num_test == 0]
+        untested = [cid for cid in range(data.num_clients) if data.sizes(cid)[1] == 0]
         if untested:
             log.warning("clients %s have no test samples; they are left out of every accuracy mean", untested)
 
@@ -125,13 +125,8 @@ class InProcessFleet:
         name = self.model_names[client_id]
         if name not in self._params:  # one client of each architecture is enough
             self._params[name] = sum(p.numel() for p in next(self.pool.visit([client_id])).parameters())
-        shard = self.data.clients[client_id]
-        return {
-            "model": name,
-            "params_total": self._params[name],
-            "train_samples": shard.num_train,
-            "test_samples": shard.num_test,
-        }
+        train, test = self.data.sizes(client_id)
+        return {"model": name, "params_total": self._params[name], "train_samples": train, "test_samples": test}
 
     def state_dict(self) -> Any:
         return self.pool.state_dict()

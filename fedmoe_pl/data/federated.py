@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -18,6 +19,44 @@ log = logging.getLogger(__name__)
 
 SplitConvention = Literal["paper", "pooled"]
 PARTITION_STREAM = 1  # SeedSequence key: the partition's random stream, apart from all others
+
+
+class Shards(Sequence[ClientDataModule]):
+    """Every client's shard, cut from the data when first asked for and kept from then on: a client
+    that is never sampled or scored costs no copy of its images.
+
+    Args:
+        cut: makes client ``i``'s shard.
+        train_sizes: each client's training samples.
+        test_sizes: each client's test samples.
+    """
+
+    def __init__(self, cut: Callable[[int], ClientDataModule], train_sizes: list[int], test_sizes: list[int]) -> None:
+        self.cut, self._sizes = cut, (train_sizes, test_sizes)
+        self.made: dict[int, ClientDataModule] = {}
+
+    def sizes(self, i: int) -> tuple[int, int]:
+        """Client ``i``'s training and test samples, without cutting its shard."""
+        if i in self.made:
+            return self.made[i].num_train, self.made[i].num_test
+        return self._sizes[0][i], self._sizes[1][i]
+
+    def __len__(self) -> int:
+        return len(self._sizes[0])
+
+    @overload
+    def __getitem__(self, i: int) -> ClientDataModule: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ClientDataModule]: ...
+
+    def __getitem__(self, i: int | slice) -> ClientDataModule | list[ClientDataModule]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(len(self))[i]]
+        k = range(len(self))[i]  # IndexError past the end (iteration stops there), negative ids wrap
+        if k not in self.made:
+            self.made[k] = self.cut(k)
+        return self.made[k]
 
 
 class FederatedDataModule:
@@ -57,7 +96,7 @@ class FederatedDataModule:
         self.source, self.partitioner = source, partitioner
         self.num_clients, self.split, self.train_fraction = num_clients, split, train_fraction
         self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
-        self.clients: list[ClientDataModule] = []
+        self.clients: Sequence[ClientDataModule] = []
         self.fingerprint = ""
         self.num_classes = self.in_channels = self.image_size = 0
         self.classes: list[str] = []
@@ -83,17 +122,14 @@ class FederatedDataModule:
                     "lower num_clients or pick a partitioner that spreads classes more widely"
                 )
         train_tf, eval_tf = self._transforms(data)
-        self.clients = [
-            ClientDataModule(
-                (train_x[torch.from_numpy(tr)], train_y[torch.from_numpy(tr)]),
-                (test_x[torch.from_numpy(te)], test_y[torch.from_numpy(te)]),
-                train_tf,
-                eval_tf,
-                self.batch_size,
-                self.eval_batch_size,
-            )
-            for tr, te in zip(train_idx, test_idx)
-        ]
+
+        def cut(i: int) -> ClientDataModule:
+            tr, te = torch.from_numpy(train_idx[i]), torch.from_numpy(test_idx[i])
+            train, test = (train_x[tr], train_y[tr]), (test_x[te], test_y[te])
+            return ClientDataModule(train, test, train_tf, eval_tf, self.batch_size, self.eval_batch_size)
+
+        self.clients = Shards(cut, [len(i) for i in train_idx], [len(i) for i in test_idx])
+        self._labels = [(train_y.numpy()[tr], test_y.numpy()[te]) for tr, te in zip(train_idx, test_idx)]
         self.fingerprint = self._fingerprint(data.identity, train_idx, test_idx)
 
     def _check_size(self, n: int) -> None:
@@ -138,13 +174,17 @@ class FederatedDataModule:
     def label_counts(self) -> list[dict[str, Any]]:
         """Per-client label counts, labels as strings (the ``partition.json`` layout)."""
 
-        def table(labels: torch.Tensor) -> dict[str, int]:
-            counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+        def table(labels: np.ndarray) -> dict[str, int]:
+            counts = np.bincount(labels, minlength=self.num_classes).tolist()
             return {str(c): n for c, n in enumerate(counts) if n}
 
-        return [
-            {"id": i, "train": table(c.train_labels), "test": table(c.test_labels)} for i, c in enumerate(self.clients)
-        ]
+        return [{"id": i, "train": table(tr), "test": table(te)} for i, (tr, te) in enumerate(self._labels)]
+
+    def sizes(self, cid: int) -> tuple[int, int]:
+        """Client ``cid``'s training and test samples (its shard is not cut to count them)."""
+        if isinstance(self.clients, Shards):
+            return self.clients.sizes(cid)
+        return self.clients[cid].num_train, self.clients[cid].num_test
 
     def report(self) -> dict[str, Any]:
         """The partition as written to ``partition.json``."""
