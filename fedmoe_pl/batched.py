@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,14 +87,16 @@ class _Own(nn.Module):
         return self.client.loss_after_common(common, x, y)
 
 
+def _chosen(client: FederatedClient, common: bool | None) -> Callable[[str], bool]:
+    """Which of a client's tensor names to take: all (None), its common parts (True) or the rest (False)."""
+    parts = tuple(f"{name}." for name in client.stacked_across)
+    return lambda name: common is None or name.startswith(parts) == common
+
+
 def _shapes(client: FederatedClient, common: bool | None = None) -> tuple[Any, ...]:
     """Names, shapes and dtypes of a client's tensors: all (None), its common parts (True) or the rest."""
-    parts = tuple(f"{name}." for name in client.stacked_across)
-    return tuple(
-        (name, tuple(t.shape), t.dtype)
-        for name, t in client.state_dict().items()
-        if common is None or name.startswith(parts) == common
-    )
+    chosen = _chosen(client, common)
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in client.state_dict().items() if chosen(name))
 
 
 def group_key(client: FederatedClient) -> tuple[Any, ...]:
@@ -143,7 +145,7 @@ class _Stack:
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     sgd: StackedSGD
-    accumulated: list[torch.Tensor | None] = field(default_factory=list)  # summed gradients (accumulation)
+    accumulated: list[torch.Tensor | None] = field(init=False)  # summed gradients (accumulation)
 
     def __post_init__(self) -> None:
         self.row = {k: r for r, k in enumerate(self.members)}
@@ -278,10 +280,7 @@ class BatchedExecutor:
         return wrapper(copy.deepcopy(client)).to(self.device).train()
 
     def _stack(self, clients: list[FederatedClient], members: list[int], common: bool | None) -> _Stack:
-        parts = tuple(f"{name}." for name in clients[members[0]].stacked_across)
-
-        def chosen(name: str) -> bool:
-            return common is None or name.startswith(parts) == common
+        chosen = _chosen(clients[members[0]], common)
 
         def stacked(named: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             return {
@@ -324,7 +323,7 @@ class BatchedExecutor:
                 x = torch.stack([current[k][0] for k in members])  # (G', B, C, H, W)
                 y = torch.stack([current[k][1] for k in members])  # (G', B)
                 stepping = [k for k in members if self.rules.steps_after(t % per_epoch[k], per_epoch[k])]
-                losses = self._step(plan, count, members, stepping, x, y)  # (G',)
+                losses = self._step(plan, members, stepping, x, y)  # (G',)
                 counted = [i for i, k in enumerate(members) if t >= last_epoch[k]]
                 if counted:
                     at = self.index(counted, len(members))
@@ -340,19 +339,21 @@ class BatchedExecutor:
         return means, states
 
     def _step(
-        self, plan: _Plan, count: int, members: list[int], stepping: list[int], x: torch.Tensor, y: torch.Tensor
+        self, plan: _Plan, members: list[int], stepping: list[int], x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """Gradients of the listed clients' batch (group positions ``members``, their batches stacked
         in ``x``, ``y``); an SGD step for those in ``stepping`` (all of them without accumulation).
         Returns the members' losses, shape (G',)."""
         rules = self.rules
-        chosen: list[tuple[_Stack, list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        # Per stack taking part: its clients in this bucket, their rows, parameters and buffers.
+        chosen: list[tuple[_Stack, list[int], torch.Tensor | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+        chosen = []
 
         def select(stack: _Stack, positions: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
             rows = self.index(stack.rows(positions), len(stack.members))
             p = stack.params if rows is None else {n: v.index_select(0, rows) for n, v in stack.params.items()}
             b = stack.buffers if rows is None else {n: v.index_select(0, rows) for n, v in stack.buffers.items()}
-            chosen.append((stack, positions, p, b))
+            chosen.append((stack, positions, rows, p, b))
             return p, b
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -380,13 +381,12 @@ class BatchedExecutor:
                 back = self.index(sorted(range(len(order)), key=order.__getitem__), len(order))
                 losses = joined if back is None else joined.index_select(0, back)  # in ``members`` order
         scaled = (losses / rules.accumulate).sum() if rules.accumulate > 1 else losses.sum()
-        tensors = [t for _, _, p, _ in chosen for t in p.values()]
+        tensors = [t for _, _, _, p, _ in chosen for t in p.values()]
         flat: list[torch.Tensor | None] = list(torch.autograd.grad(scaled, tensors, allow_unused=True))
         with torch.no_grad():
             steps: list[tuple[_Stack, torch.Tensor | None, list[torch.Tensor | None], list[int]]] = []
-            for stack, positions, p, b in chosen:
+            for stack, positions, rows, p, b in chosen:
                 grads, flat = flat[: len(p)], flat[len(p) :]
-                rows = self.index(stack.rows(positions), len(stack.members))
                 if rows is not None:
                     for name, value in b.items():
                         stack.buffers[name].index_copy_(0, rows, value)
@@ -413,12 +413,9 @@ class BatchedExecutor:
                         a.zero_() if at is None else a.index_fill_(0, at, 0.0)
                 steps.append((stack, at, summed, due))
             if rules.clip_val is not None and steps:
-                everyone = sorted({k for _, _, _, due in steps for k in due})
+                everyone = {k: i for i, k in enumerate(sorted({k for _, _, _, due in steps for k in due}))}
                 clip_stacked(
-                    [
-                        (grads, self.index([everyone.index(k) for k in due], len(everyone)))
-                        for _, _, grads, due in steps
-                    ],
+                    [(grads, self.index([everyone[k] for k in due], len(everyone))) for _, _, grads, due in steps],
                     len(everyone),
                     rules,
                 )

@@ -34,7 +34,6 @@ import yaml
 
 from fedmoe_pl.rundir import CELL, RunDirectory
 
-CELL_FILE = CELL  # written into each cell's run directory: its axes, for the report
 _VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
@@ -239,7 +238,7 @@ def write_cell_file(cell: Cell) -> None:
     """Record the cell's axes in its run directory (read by ``fedmoe-pl report``)."""
     run_dir = Path(cell.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CELL_FILE).write_text(json.dumps(asdict(cell), indent=2) + "\n")
+    (run_dir / CELL).write_text(json.dumps(asdict(cell), indent=2) + "\n")
 
 
 def describe(cells: list[Cell]) -> str:

@@ -72,15 +72,14 @@ class Indices:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._made: dict[tuple[int, ...], torch.Tensor] = {}
+        self._made: dict[tuple[int, tuple[int, ...]], torch.Tensor | None] = {}
 
     def __call__(self, rows: Sequence[int], count: int) -> torch.Tensor | None:
-        """The index of ``rows`` (ascending) among ``count``; None when they are all of them."""
-        key = tuple(rows)
-        if key == tuple(range(count)):
-            return None
+        """The index of ``rows`` among ``count``; None when they are all of them, in order."""
+        key = (count, tuple(rows))
         if key not in self._made:
-            self._made[key] = to_device(torch.tensor(key, dtype=torch.long), self.device)
+            whole = key[1] == tuple(range(count))
+            self._made[key] = None if whole else to_device(torch.tensor(key[1], dtype=torch.long), self.device)
         return self._made[key]
 
 

@@ -103,3 +103,18 @@ def test_pooled_split_uses_the_train_fraction_of_each_share() -> None:
 def test_bad_settings_fail_with_the_value(build, match) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_a_shard_is_cut_only_when_first_used_and_counts_need_none() -> None:
+    dm = FederatedDataModule(Synthetic(num_classes=4, train_per_class=30), Pathological(2), 6)
+    dm.setup(0)
+    counts = dm.label_counts()
+    sizes = [dm.sizes(cid) for cid in range(6)]
+    assert not dm.clients.made  # type: ignore[attr-defined]  # counting cut nothing
+    shard = dm.clients[4]
+    assert list(dm.clients.made) == [4] and dm.clients[4] is shard  # type: ignore[attr-defined]
+    assert (shard.num_train, shard.num_test) == sizes[4]
+    assert {str(c): n for c, n in enumerate(np.bincount(shard.train_labels.numpy(), minlength=4)) if n} == counts[4][
+        "train"
+    ]
+    assert len(dm.clients) == 6 and [s.num_train for s in dm.clients] == [n for n, _ in sizes]

@@ -129,7 +129,8 @@ class FederatedDataModule:
             return ClientDataModule(train, test, train_tf, eval_tf, self.batch_size, self.eval_batch_size)
 
         self.clients = Shards(cut, [len(i) for i in train_idx], [len(i) for i in test_idx])
-        self._labels = [(train_y.numpy()[tr], test_y.numpy()[te]) for tr, te in zip(train_idx, test_idx)]
+        train_labels, test_labels = train_y.numpy(), test_y.numpy()
+        self._labels = [(train_labels[tr], test_labels[te]) for tr, te in zip(train_idx, test_idx)]
         self.fingerprint = self._fingerprint(data.identity, train_idx, test_idx)
 
     def _check_size(self, n: int) -> None:
