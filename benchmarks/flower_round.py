@@ -3,8 +3,10 @@
 The same config both ways: pFedMoE on the quickstart's zoo (CNN-1..CNN-3 here), synthetic 28x28
 images, 3 clients with 2 classes each, every client every round. The deployment
 (``python -m fedmoe_pl.flower.local``: a SuperLink and one SuperNode per client, on 127.0.0.1)
-exchanges real messages; its per-round wall time includes what each node does per message
-(reading the config, building its client, loading and saving its state). Rounds come from each
+exchanges real messages; its per-round wall time includes what each node does per message. It runs
+twice: with every message served in the process Flower starts for it (``--worker-idle 0``: torch
+and Lightning imported, the config read and the client built per message) and with a resident
+worker per node that keeps them. Rounds come from each
 run's ``metrics.jsonl``; round 1 also pays for the nodes' first start, so it is shown apart.
 
     python benchmarks/flower_round.py [--rounds 4]
@@ -59,10 +61,14 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = config(Path(tmp), args.rounds)
-        for side, module in (("in process", "fedmoe_pl.cli"), ("Flower, 127.0.0.1", "fedmoe_pl.flower.local")):
-            run_dir = Path(tmp) / side.split(",")[0].replace(" ", "-")
-            command = [sys.executable, "-m", module]
-            command += ["fit"] if module == "fedmoe_pl.cli" else []
+        sides = {
+            "in process": ["fedmoe_pl.cli", "fit"],
+            "Flower, 127.0.0.1, a process per message": ["fedmoe_pl.flower.local", "--worker-idle", "0"],
+            "Flower, 127.0.0.1, a resident worker per node": ["fedmoe_pl.flower.local"],
+        }
+        for i, (side, module) in enumerate(sides.items()):
+            run_dir = Path(tmp) / f"run-{i}"
+            command = [sys.executable, "-m", *module]
             start = time.perf_counter()
             done = subprocess.run(
                 [*command, "--config", str(path), "--federation.run_dir", str(run_dir)],

@@ -286,3 +286,68 @@ def test_a_fit_the_server_gave_up_on_is_rolled_back_by_its_node(tmp_path: Path) 
             node.train(message("train", 3, fit=fit), context)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+@pytest.mark.slow
+def test_a_resident_worker_serves_a_node_s_messages_as_the_node_s_own_process_would(tmp_path: Path) -> None:
+    """One worker per (node, run, client) serves every message: the replies and the node's state
+    equal those of serving each message in process; an error in the worker reaches the caller; the
+    worker ends (and removes its socket and key) when its launcher ends or after ``idle`` seconds."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedmoe_pl.flower import resident, site
+    from fedmoe_pl.flower.client import STATE
+    from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record
+
+    config = tiny_config(tmp_path)
+    launcher = subprocess.Popen(["sleep", "600"])
+    run_id = int.from_bytes(os.urandom(6), "big")
+
+    def context(partition: int = 1, run: int = run_id) -> Context:
+        return Context(run, 5, {"partition-id": partition}, RecordDict(), {"fit-args": f"--config {config}"})
+
+    def content(kind: str, accepted: int) -> RecordDict:
+        body = RecordDict({LINK: ConfigRecord({"fits": accepted})})
+        if kind == "train":
+            body["fit"] = ConfigRecord({"round": accepted + 1, "seed": 11 + accepted, "epochs": 1})
+        else:
+            body["evaluate"] = ConfigRecord({"score": True, "confusion": False})
+        put_instructions(body, [])
+        return body
+
+    messages = [("train", 0), ("evaluate", 1), ("train", 1), ("evaluate", 2)]
+    there, here = context(), context()
+    sock = resident.socket_path(there, 1, launcher.pid)
+    try:
+        for kind, accepted in messages:
+            remote = resident.call(kind, content(kind, accepted), there, 1, idle=600, launcher=launcher.pid)
+            local = site.HANDLERS[kind](content(kind, accepted), here)
+            assert dict(remote[REPORT]) == dict(local[REPORT])
+            if kind == "train":
+                for key, value in from_record(local.array_records[UPLOAD]).items():
+                    assert torch.equal(from_record(remote.array_records[UPLOAD])[key], value), key
+            else:
+                assert remote.config_records["scores"]["json"] == local.config_records["scores"]["json"]
+            a, b = there.state.array_records[STATE], here.state.array_records[STATE]
+            assert all(torch.equal(x, b.to_torch_state_dict()[k]) for k, x in a.to_torch_state_dict().items())
+        started = sock.with_suffix(".log").read_text().count("serving ")
+        assert started == 1, "every message should reach the one worker started by the first"
+
+        bad = context(partition=7, run=run_id + 1)  # outside 0 .. 2: raised in the worker, re-raised here
+        with pytest.raises(ValueError, match="partition-id 7 is outside"):
+            resident.call("train", content("train", 0), bad, 7, idle=1, launcher=launcher.pid)
+        idle_sock = resident.socket_path(bad, 7, launcher.pid)
+        deadline = time.monotonic() + 30
+        while idle_sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not idle_sock.exists() and not idle_sock.with_suffix(".key").exists(), "an idle worker should end"
+        assert sock.exists(), "the busy worker is not idle yet"
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 30
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not sock.exists() and not sock.with_suffix(".key").exists(), "the worker should end with its launcher"
+    for leftover in [*sock.parent.glob(sock.stem + ".*"), *idle_sock.parent.glob(idle_sock.stem + ".*")]:
+        leftover.unlink()

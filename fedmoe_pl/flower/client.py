@@ -1,11 +1,18 @@
 """The ClientApp: one SuperNode holds one federated client, the one its ``partition-id`` names.
 
-The first message a process sees reads the run's configuration (the run config's ``fit-args``, the
+The first message a node serves reads the run's configuration (the run config's ``fit-args``, the
 arguments of ``fedmoe-pl fit``): the node loads the data and partitions it as a simulation does,
 keeps its own shard, and builds its own client only (its initial weights are a pure function of the
 run's seed and its id); later messages reuse them. Every message loads the client's state from the
 node's context (its initial weights before the first fit), so a node's client trains on the same
 batches from the same weights as in ``fedmoe-pl fit``.
+
+Flower's deployment engine starts a process per message; this module is light (no torch), and
+hands ``train`` and ``evaluate`` to the node's resident worker (:mod:`fedmoe_pl.flower.resident`),
+which keeps the imports, the data and the built client between messages. The run config's
+``worker-idle`` (seconds; 0 serves every message in its own process, as Flower does) says how long
+a worker waits for the next message. Under the simulation engine, whose processes live on, messages
+are served in process. The handling itself is :mod:`fedmoe_pl.flower.site`.
 
 Messages (``message_type``):
     query: which client this node holds.
@@ -20,24 +27,16 @@ there: the node then has one fit more, and rolls its client back to the state be
 
 from __future__ import annotations
 
-import json
-import shlex
-from dataclasses import dataclass
-
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmoe_pl.algorithms import FederatedClient
-from fedmoe_pl.data import ClientDataModule
-from fedmoe_pl.evaluation import Evaluator
-from fedmoe_pl.executor import FitJob, SequentialExecutor
-from fedmoe_pl.experiment import Experiment, training_device
-from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, number, take_instructions, to_record
+from fedmoe_pl.flower import resident
+from fedmoe_pl.flower.wire import REPORT, number
 
 STATE = "fedmoe.client"  # the client's state in the node's context, between messages
 BEFORE_FIT = "fedmoe.client.before_fit"  # its state before its last fit: to roll back a fit the server gave up on
 FITS = "fedmoe.fits"  # how many fits the client has kept
+WORKER_IDLE = 600.0  # seconds a node's resident worker waits for a message, unless the run config says
 
 app = ClientApp()
 
@@ -52,76 +51,25 @@ def partition_id(context: Context) -> int:
     return int(value)
 
 
-@dataclass
-class Site:
-    """One node's part of the federation: its client and its data shard."""
-
-    exp: Experiment
-    client: FederatedClient
-    shard: ClientDataModule
-    fits: int  # the client's fits the server accepted
-    opened: dict[str, torch.Tensor]  # the client's state when the message arrived
-
-    @classmethod
-    def open(cls, context: Context, msg: Message) -> Site:
-        exp, client, initial = _built(str(context.run_config["fit-args"]), partition_id(context))
-        cid = client.client_id
-        kept = int(number(context.state.config_records[FITS], "fits")) if FITS in context.state.config_records else 0
-        accepted = int(number(msg.content.config_records[LINK], "fits")) if LINK in msg.content.config_records else kept
-        records = context.state.array_records
-        if kept == accepted + 1 and BEFORE_FIT in records:  # a late fit the server discarded
-            client.load_state_dict(records[BEFORE_FIT].to_torch_state_dict())
-        elif kept != accepted:
-            raise RuntimeError(
-                f"client {cid} has kept {kept} fits but the server accepted {accepted}; the node's state "
-                "is not the server's (restart the run)"
-            )
-        elif STATE in records:
-            client.load_state_dict(records[STATE].to_torch_state_dict())
-        else:  # the first message: the client's initial weights
-            client.load_state_dict(initial)
-        return cls(exp, client, exp.data.clients[cid], accepted, {k: v.clone() for k, v in client.state_dict().items()})
-
-    def apply(self, content: RecordDict) -> int:
-        """Apply the message's instructions in order; return the bytes of state they carried."""
-        instructions, received = take_instructions(content)
-        for instruction in instructions:
-            if instruction.payload is not None:
-                self.client.download(instruction.payload)
-            self.client.configure_round(**instruction.settings)
-        return received
-
-    def save(self, context: Context, fitted: bool = False) -> None:
-        """Keep the client's state on the node; after a fit, also the state before it (for a rollback)."""
-        context.state[STATE] = to_record(self.client.state_dict())
-        if fitted:
-            context.state[BEFORE_FIT] = to_record(self.opened)
-        context.state[FITS] = ConfigRecord({"fits": self.fits + int(fitted)})
+def worker_idle(context: Context) -> float:
+    if "worker-idle" not in context.run_config:
+        return WORKER_IDLE
+    idle = number(context.run_config, "worker-idle")
+    if idle < 0:
+        raise ValueError(f"worker-idle is {idle}; give seconds >= 0 (0 serves each message in its own process)")
+    return float(idle)
 
 
-_BUILT: dict[tuple[str, int], tuple[Experiment, FederatedClient, dict[str, torch.Tensor]]] = {}
+def serve(kind: str, msg: Message, context: Context) -> Message:
+    """The reply to a ``train`` or ``evaluate`` message, from the node's worker or from this process."""
+    cid, idle = partition_id(context), worker_idle(context)
+    if resident.wanted(idle):
+        content = resident.call(kind, msg.content, context, cid, idle)
+    else:
+        from fedmoe_pl.flower.site import HANDLERS
 
-
-def _built(fit_args: str, cid: int) -> tuple[Experiment, FederatedClient, dict[str, torch.Tensor]]:
-    """The run's experiment, this node's client and its initial state, made once per process: the
-    config read, the data partitioned as a simulation does, and only client ``cid`` built (its
-    weights are a pure function of the run's seed and its id). The client's state between messages
-    lives in the node's context, never in this cache."""
-    key = (fit_args, cid)
-    if key not in _BUILT:
-        from fedmoe_pl.cli import experiment_from_args
-        from fedmoe_pl.executor import quiet_lightning
-        from fedmoe_pl.in_process import client_builder
-
-        quiet_lightning()
-        exp = experiment_from_args(shlex.split(fit_args))
-        if not 0 <= cid < exp.data.num_clients:
-            raise ValueError(f"partition-id {cid} is outside 0 .. {exp.data.num_clients - 1} (data.num_clients)")
-        exp.data.setup(exp.seed)
-        client = client_builder(exp.algorithm, exp.client, exp.data, exp.seed)(cid)
-        _BUILT.clear()  # one run at a time in a process
-        _BUILT[key] = (exp, client, {k: v.clone() for k, v in client.state_dict().items()})
-    return _BUILT[key]
+        content = HANDLERS[kind](msg.content, context)
+    return Message(content, reply_to=msg)
 
 
 @app.query()
@@ -131,34 +79,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = Site.open(context, msg)
-    received = site.apply(msg.content)
-    fit = msg.content.config_records["fit"]
-    job = FitJob(site.client, site.shard, seed=int(number(fit, "seed")), epochs=int(number(fit, "epochs")))
-    outcome = next(iter(SequentialExecutor(site.exp.trainer).fit([job])))
-    if outcome.error is not None:
-        raise outcome.error  # Flower replies with the error; the node keeps the client's state from before
-    assert outcome.result is not None
-    site.save(context, fitted=True)
-    report = MetricRecord(
-        {
-            "num_samples": outcome.result.num_samples,
-            "train_loss": outcome.result.metrics["train_loss"],
-            "bytes_received": received,
-        }
-    )
-    return Message(RecordDict({UPLOAD: to_record(outcome.result.upload), REPORT: report}), reply_to=msg)
+    return serve("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = Site.open(context, msg)
-    received = site.apply(msg.content)
-    site.save(context)
-    asked = msg.content.config_records["evaluate"]
-    content = RecordDict({REPORT: MetricRecord({"bytes_received": received})})
-    if bool(asked["score"]):
-        evaluator = Evaluator(training_device(site.exp.trainer))
-        scores = evaluator.score_client(site.client, site.shard, site.exp.data.num_classes, bool(asked["confusion"]))
-        content["scores"] = ConfigRecord({"json": json.dumps(scores)})
-    return Message(content, reply_to=msg)
+    return serve("evaluate", msg, context)

@@ -127,9 +127,14 @@ class LocalDeployment:
         for cid, (port, node) in enumerate(zip(ports, self.supernodes)):
             wait_for_port(port, node, self.workdir / f"supernode-{cid}.log")
 
-    def run(self, fit_args: list[str], timeout: float = 600.0, app_dir: Path = APP_DIR) -> subprocess.Popen[bytes]:
-        """Submit a run (``fedmoe-pl fit`` arguments) and stream its log; returns the ``flwr run`` process."""
+    def run(
+        self, fit_args: list[str], timeout: float = 600.0, app_dir: Path = APP_DIR, worker_idle: float | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Submit a run (``fedmoe-pl fit`` arguments) and stream its log; returns the ``flwr run`` process.
+        ``worker_idle``: the run config's ``worker-idle`` (default: the app's)."""
         config = f'fit-args="{_toml_escape(shlex.join(fit_args))}" timeout={float(timeout)}'
+        if worker_idle is not None:
+            config += f" worker-idle={float(worker_idle)}"
         argv = ["flwr", "run", str(app_dir), "local", "--stream", "--run-config", config]
         return subprocess.Popen(argv, env=self.env, start_new_session=True)
 
@@ -221,7 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", default=None, help="Flower's home and the logs (default: <run_dir>.flower)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one round's replies")
+    parser.add_argument(
+        "--worker-idle",
+        type=float,
+        default=None,
+        help="seconds a node's resident worker waits for its next message (0: a process per message; default 600)",
+    )
     args, fit_args = parser.parse_known_args(argv)
+    if args.worker_idle is not None and args.worker_idle < 0:
+        print(f"error: --worker-idle {args.worker_idle} is negative; give seconds >= 0", file=sys.stderr)
+        return 2
     from fedmoe_pl.cli import experiment_from_args
     from fedmoe_pl.flower import require_flower
 
@@ -247,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"Flower processes' logs and home: {workdir}", file=sys.stderr)
     with LocalDeployment(exp.data.num_clients, workdir) as deployment:
-        submitted = deployment.run(list(fit_args), args.timeout)
+        submitted = deployment.run(list(fit_args), args.timeout, worker_idle=args.worker_idle)
         try:
             code = submitted.wait()
         finally:

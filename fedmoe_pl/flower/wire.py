@@ -5,19 +5,22 @@ order: each payload as an ``ArrayRecord`` named ``payload.<i>`` and all settings
 in the ``instructions`` ConfigRecord. Replies carry the upload as the ``upload`` ArrayRecord and
 numbers in the ``report`` MetricRecord. Bytes are counted as the simulation counts them (raw tensor
 storage, :func:`~fedmoe_pl.aggregation.payload_bytes`), but of the arrays that arrived.
+
+The module imports torch only when a function needs it: the ClientApp, which starts a process per
+message, reads its names without paying for torch.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedmoe_pl.aggregation import Payload, payload_bytes
-from fedmoe_pl.algorithms import Instruction
+if TYPE_CHECKING:
+    from fedmoe_pl.aggregation import Payload
+    from fedmoe_pl.algorithms import Instruction
 
 INSTRUCTIONS = "instructions"
 LINK = "link"  # what the server knows of the client: the fits it accepted
@@ -30,6 +33,8 @@ def to_record(payload: Payload) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> Payload:
+    import torch
+
     return {key: torch.from_numpy(array.numpy().copy()) for key, array in record.items()}
 
 
@@ -44,6 +49,9 @@ def put_instructions(content: RecordDict, instructions: list[Instruction]) -> No
 
 def take_instructions(content: RecordDict) -> tuple[list[Instruction], int]:
     """The instructions a message carries, in order, and the bytes of their payloads."""
+    from fedmoe_pl.aggregation import payload_bytes
+    from fedmoe_pl.algorithms import Instruction
+
     settings = json.loads(str(content.config_records[INSTRUCTIONS]["settings"]))
     out, received = [], 0
     for i, values in enumerate(settings):
