@@ -6,6 +6,11 @@ empty test shard are left out of every average and listed. For a method whose cl
 per-sample gate weights (an extra named ``gate_*``, as pFedMoE's weight on the global expert),
 the weights are summarised per (client, class) — mean and quantiles — and as a histogram, with
 the spread within each client telling an input-dependent gate from a collapsed one.
+
+A round's fields (:func:`summarize`) put the averages at the top level and the rest in the record's
+sections (:mod:`fedmoe_pl.rundir`): ``client_acc`` and ``<gate>_spread`` per client,
+``client_class_acc`` and ``<gate>_class_{mean,q10,q50,q90}`` per client and class, and ``<gate>``
+among the histograms.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix, 
 
 from fedmoe_pl.algorithms import FederatedClient
 from fedmoe_pl.data import ClientDataModule
+from fedmoe_pl.rundir import HISTOGRAMS, PER_CLIENT, PER_CLIENT_CLASS
 
 GATE_BINS = 10  # histogram bins over [0, 1]
 QUANTILES = (0.1, 0.5, 0.9)
 COLLAPSED_STD = 0.01  # a gate whose weights vary less than this within a client is called collapsed
+GATE_STAT_KIND = {"hist": HISTOGRAMS, "spread": PER_CLIENT}  # the record's section of a gate statistic
 
 
 def _r(value: float | torch.Tensor) -> float:
@@ -110,14 +117,24 @@ def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confus
         weighted_acc=float((accs * counts).sum() / counts.sum()),
         std_acc=float(accs.std()),
         min_acc=float(accs.min()),
-        client_acc={str(cid): per_client[cid]["acc"] for cid in ids},
     )
-    out["client_class_acc"] = {str(cid): per_client[cid]["class_acc"] for cid in ids}
-    for field, name in (("means", "client_{}"), ("gate", "{}")):
-        for key in sorted({k for cid in ids for k in per_client[cid][field]}):
-            out[name.format(key)] = {str(c): per_client[c][field][key] for c in ids if key in per_client[c][field]}
-    for key in [k for k in out if k.endswith("_spread")]:
-        out[f"{key.removesuffix('_spread')}_collapsed"] = [int(c) for c, v in out[key].items() if v < COLLAPSED_STD]
+    sections: dict[str, dict[str, Any]] = {
+        PER_CLIENT: {"client_acc": {str(cid): per_client[cid]["acc"] for cid in ids}},
+        PER_CLIENT_CLASS: {"client_class_acc": {str(cid): per_client[cid]["class_acc"] for cid in ids}},
+        HISTOGRAMS: {},
+    }
+    for key in sorted({k for cid in ids for k in per_client[cid]["means"]}):
+        means = {str(c): per_client[c]["means"][key] for c in ids if key in per_client[c]["means"]}
+        sections[PER_CLIENT][f"client_{key}"] = means
+    for gate in sorted({g for cid in ids for g in per_client[cid]["gate"]}):
+        scored = [c for c in ids if gate in per_client[c]["gate"]]
+        for stat in per_client[scored[0]]["gate"][gate]:
+            values = {str(c): per_client[c]["gate"][gate][stat] for c in scored}
+            kind = GATE_STAT_KIND.get(stat, PER_CLIENT_CLASS)
+            sections[kind][gate if kind == HISTOGRAMS else f"{gate}_{stat}"] = values
+        spread = sections[PER_CLIENT][f"{gate}_spread"]
+        out[f"{gate}_collapsed"] = [int(c) for c, v in spread.items() if v < COLLAPSED_STD]
+    out.update({kind: section for kind, section in sections.items() if section})
     if confusion:
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
         for cid in ids:
@@ -142,21 +159,24 @@ def score(
     }
     for key, values in extras.items():
         if key.startswith("gate"):
-            out["gate"].update(gate_analytics(key, values, labels, present))
+            out["gate"][key] = gate_analytics(values, labels, present)
     return out
 
 
-def gate_analytics(key: str, weights: torch.Tensor, labels: torch.Tensor, present: list[int]) -> dict[str, Any]:
-    """Per-class mean and quantiles, a histogram over [0, 1] and the spread of one client's gate weights."""
+def gate_analytics(weights: torch.Tensor, labels: torch.Tensor, present: list[int]) -> dict[str, Any]:
+    """One client's gate weights: per class, mean and quantiles (``class_mean``, ``class_q10``, ...);
+    a histogram over [0, 1] (``hist``) and the spread within the client (``spread``). In a round's
+    record, ``<gate>_<stat>`` in the section :data:`GATE_STAT_KIND` names (per client and class if none),
+    and the histogram under the gate's own name."""
     w = weights.double().cpu()
     y = labels.cpu()
     q = torch.tensor(QUANTILES, dtype=torch.double)
-    out: dict[str, Any] = {f"{key}_class_mean": {}, **{f"{key}_class_q{int(p * 100)}": {} for p in QUANTILES}}
+    out: dict[str, Any] = {"class_mean": {}, **{f"class_q{int(p * 100)}": {} for p in QUANTILES}}
     for c in present:
         wc = w[y == c]
-        out[f"{key}_class_mean"][str(c)] = _r(wc.mean())
+        out["class_mean"][str(c)] = _r(wc.mean())
         for p, value in zip(QUANTILES, torch.quantile(wc, q)):
-            out[f"{key}_class_q{int(p * 100)}"][str(c)] = _r(value)
-    out[f"{key}_hist"] = torch.histc(w.clamp(0, 1), bins=GATE_BINS, min=0, max=1).long().tolist()
-    out[f"{key}_spread"] = _r(w.std(unbiased=False))
+            out[f"class_q{int(p * 100)}"][str(c)] = _r(value)
+    out["hist"] = torch.histc(w.clamp(0, 1), bins=GATE_BINS, min=0, max=1).long().tolist()
+    out["spread"] = _r(w.std(unbiased=False))
     return out

@@ -21,7 +21,7 @@ from fedmoe_pl.aggregation import payload_bytes, payload_numel
 from fedmoe_pl.algorithms import Algorithm, ClientResult
 from fedmoe_pl.errors import ClientFailure, ClientUnreachable, Interrupted, NobodyReported
 from fedmoe_pl.fleet import Cohort, Fleet
-from fedmoe_pl.rundir import CHECKPOINT_FORMAT
+from fedmoe_pl.rundir import CHECKPOINT_FORMAT, PER_CLIENT, sectioned
 from fedmoe_pl.schedule import FederationConfig, clients_per_round, dropped_clients, fit_seed, sample_clients
 from fedmoe_pl.signals import StopSignals
 from fedmoe_pl.sinks import Sink
@@ -187,13 +187,13 @@ class Federation:
         self.totals = {**self.totals, "reported": done, **state["totals"]}
         self.empty_streak = state.get("empty_streak", 0)
         self.shared_numel = list(state["shared_numel"])
-        self.final, self.best = state["final"], state["best"]
+        self.final, self.best = (None if r is None else sectioned(r) for r in (state["final"], state["best"]))
 
     def summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
         """The run's ``summary.json``; ``status`` is ``completed``, ``interrupted`` (to be resumed),
         ``stopped`` (ended for good by its W&B sweep agent) or ``failed``."""
         final, best = self.final or {}, self.best or {}
-        accs = final.get("client_acc", {})
+        accs = final.get(PER_CLIENT, {}).get("client_acc", {})
         return {
             "status": status,
             "reason": reason,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_pl.rundir import METRICS, PARTITION, RunDirectory, make_folder
+from fedmoe_pl.rundir import HISTOGRAMS, METRICS, PARTITION, PER_CLIENT, PER_CLIENT_CLASS, RunDirectory, make_folder
 
 HIST_CLIENTS = 4  # clients shown in the gate-histogram figure
 
@@ -44,8 +44,12 @@ def class_names(run_dir: Path, rows: list[dict[str, Any]], gate: str) -> list[st
         partition = RunDirectory(run_dir).read_json(PARTITION)
         return list(partition.get("classes") or map(str, range(int(partition["num_classes"]))))
     except (AttributeError, ValueError, KeyError):
-        top = max(int(c) for r in rows for m in r.get(f"{gate}_class_mean", {}).values() for c in m)
+        top = max(int(c) for r in rows for m in _by_class(r).get(f"{gate}_class_mean", {}).values() for c in m)
         return [str(c) for c in range(top + 1)]
+
+
+def _by_class(row: dict[str, Any]) -> dict[str, Any]:
+    return row.get(PER_CLIENT_CLASS, {})  # type: ignore[no-any-return]
 
 
 def _whole_rounds(ax: Any) -> None:
@@ -81,11 +85,12 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path) -> Path:
 
 def plot_client_accuracy(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> Path:
     plt = _pyplot()
-    last = next(r for r in reversed(rows) if r.get("client_acc"))
+    last = next(r for r in reversed(rows) if r.get(PER_CLIENT, {}).get("client_acc"))
     clients = summary.get("clients") or []
     models = {c["id"]: c["model"] for c in clients}
-    ids = sorted(int(k) for k in last["client_acc"])
-    accs = [last["client_acc"][str(i)] * 100 for i in ids]
+    client_acc = last[PER_CLIENT]["client_acc"]
+    ids = sorted(int(k) for k in client_acc)
+    accs = [client_acc[str(i)] * 100 for i in ids]
     names = sorted({models.get(i, "?") for i in ids})
     colours = {m: f"C{k % 10}" for k, m in enumerate(names)}
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(ids) + 3), 4))
@@ -128,8 +133,8 @@ def plot_gate_by_class(
     rows: list[dict[str, Any]], summary: dict[str, Any], gate: str, classes: list[str], out: Path
 ) -> Path:
     plt = _pyplot()
-    last = next(r for r in reversed(rows) if r.get(f"{gate}_class_mean"))
-    means = last[f"{gate}_class_mean"]
+    last = next(r for r in reversed(rows) if _by_class(r).get(f"{gate}_class_mean"))
+    means = _by_class(last)[f"{gate}_class_mean"]
     ids = sorted(int(k) for k in means)
     grid = np.full((len(ids), len(classes)), np.nan)
     for row, cid in enumerate(ids):
@@ -153,10 +158,10 @@ def plot_gate_by_class(
 
 def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], gate: str, out: Path) -> Path:
     plt = _pyplot()
-    evaluated = [r for r in rows if r.get(f"{gate}_hist")]
-    ids = sorted(int(k) for k in evaluated[-1][f"{gate}_hist"])[:HIST_CLIENTS]
+    evaluated = [r[HISTOGRAMS][gate] | {"round": r["round"]} for r in rows if r.get(HISTOGRAMS, {}).get(gate)]
+    ids = sorted(int(k) for k in evaluated[-1] if k != "round")[:HIST_CLIENTS]
     models = {c["id"]: c["model"] for c in summary.get("clients") or []}
-    bins = len(evaluated[-1][f"{gate}_hist"][str(ids[0])])
+    bins = len(evaluated[-1][str(ids[0])])
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(
@@ -164,7 +169,7 @@ def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], ga
     )
     image = None
     for ax, cid in zip(axes[0], ids):
-        counts = np.array([r[f"{gate}_hist"].get(str(cid), [0] * bins) for r in evaluated], dtype=float)
+        counts = np.array([r.get(str(cid), [0] * bins) for r in evaluated], dtype=float)
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         rounds = [r["round"] for r in evaluated]
         image = ax.imshow(
@@ -198,9 +203,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     written = [plot_communication(rows, out)]
     if any(r.get("mean_acc") is not None for r in rows):
         written += [plot_accuracy(rows, out), plot_client_accuracy(rows, summary, out)]
-    gates = sorted(
-        {k.removesuffix("_class_mean") for r in rows for k in r if k.startswith("gate") and k.endswith("_class_mean")}
-    )
+    gates = sorted({gate for r in rows for gate in r.get(HISTOGRAMS, {})})  # the gates' weights (evaluation.py)
     for gate in gates:
         written += [
             plot_gate_by_class(rows, summary, gate, class_names(run_dir, rows, gate), out),

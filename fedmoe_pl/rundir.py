@@ -32,6 +32,13 @@ PREVIOUS_CHECKPOINT = "previous.ckpt"  # the one before: what a resume falls bac
 CHECKPOINT_KEYS = ("format", "round", "schedule", "clients", "server", "meta")
 CHECKPOINT_FORMAT = 3  # 3: clients' initial weights drawn from (seed, id); earlier ones cannot be resumed
 
+# A round's record (a line of METRICS) holds the round and its scalars at the top level (numbers, flags,
+# lists of client ids, the final round's confusion matrix) and each other kind of value in its own section:
+PER_CLIENT = "per_client"  # {name: {client: number}}
+PER_CLIENT_CLASS = "per_client_class"  # {name: {client: {class: number}}}
+HISTOGRAMS = "histograms"  # {name: {client: [counts of equal bins over [0, 1]]}}
+SECTIONS = (PER_CLIENT, PER_CLIENT_CLASS, HISTOGRAMS)
+
 
 def _write_failed(path: Path, err: OSError) -> RunError:
     return RunError(
@@ -107,6 +114,28 @@ def to_json(obj: Any, indent: int | None = None) -> str:
     return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
 
 
+def sectioned(record: dict[str, Any]) -> dict[str, Any]:
+    """A round's record in the current layout. Records written before the sections existed kept every
+    value at the top level (``client_acc``, ``client_class_acc``, ``gate_global_hist``, ...): their
+    per-client mappings are moved into the sections by shape (a histogram: a list per client; per
+    client and class: a mapping per client; per client: a number per client; a histogram is named by
+    its quantity, ``gate_global_hist`` becoming ``gate_global``), here and nowhere else."""
+    if any(key in record for key in SECTIONS):
+        return record
+    out: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {key: {} for key in SECTIONS}
+    for key, value in record.items():
+        if not isinstance(value, dict) or not value:
+            out[key] = value
+        elif all(isinstance(v, list) for v in value.values()):
+            sections[HISTOGRAMS][key.removesuffix("_hist")] = value
+        elif all(isinstance(v, dict) for v in value.values()):
+            sections[PER_CLIENT_CLASS][key] = value
+        else:
+            sections[PER_CLIENT][key] = value
+    return {**out, **{key: section for key, section in sections.items() if section}}
+
+
 class RunDirectory:
     """Files of one run: config, partition, per-round metrics, summary and the last checkpoint."""
 
@@ -171,11 +200,12 @@ class RunDirectory:
                 raise _write_failed(path, err) from err
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The evaluated rounds' records, in order ([] before the first)."""
+        """The evaluated rounds' records, in order ([] before the first), in the current layout
+        (:func:`sectioned`: run directories of earlier versions read the same)."""
         path = self.path / METRICS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [sectioned(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the run (``SUMMARY``, ``PARTITION``, ``CELL``), or None when it is absent or unreadable."""

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from fedmoe_pl.rundir import HISTOGRAMS, PER_CLIENT, PER_CLIENT_CLASS
 from fedmoe_pl.sweep import SweepRun
 
 log = logging.getLogger(__name__)
@@ -146,30 +147,25 @@ class WandbTracker:
         self.run.log(payload, step=step)
 
     def log_round(self, record: dict[str, Any], model_names: list[str]) -> None:
-        """One round's record at ``step = round``: scalars; per-client values as ``key/client``; a
-        per-client table; per-(client, class) values as tables; ``*_hist`` counts as histograms."""
+        """One round's record at ``step = round``: scalars; per-client values as ``key/client`` and as
+        the ``clients`` table; per-(client, class) values as the ``by_class`` table (a column each);
+        histograms as W&B histograms, ``key/client``."""
         flat = round_scalars(record)
-        per_client = _per_client(record)
+        per_client = record.get(PER_CLIENT, {})
         tables = {}
-        if "client_acc" in per_client:
-            columns = ["client", "model", *per_client]
-            ids = sorted(per_client["client_acc"], key=int)
-            rows = [[int(k), model_names[int(k)], *(per_client[c].get(k) for c in per_client)] for k in ids]
-            tables["clients"] = (columns, rows)
-        # Per-(client, class) values, one table per prefix: ``gate_global_class_{mean,q10,...}``
-        # become the columns of ``gate_global_by_class``.
-        by_class: dict[str, list[str]] = {}
-        for key, value in record.items():
-            if isinstance(value, dict) and any(isinstance(x, dict) for x in value.values()) and "_class_" in key:
-                by_class.setdefault(key.split("_class_")[0], []).append(key)
-        for prefix, keys in by_class.items():
-            cells = sorted({(int(c), int(k)) for key in keys for c, row in record[key].items() for k in row})
+        if per_client:
+            ids = sorted({int(c) for values in per_client.values() for c in values})
+            rows = [[c, model_names[c], *(values.get(str(c)) for values in per_client.values())] for c in ids]
+            tables["clients"] = (["client", "model", *per_client], rows)
+        by_class = record.get(PER_CLIENT_CLASS, {})
+        if by_class:
+            cells = sorted({(int(c), int(k)) for values in by_class.values() for c, row in values.items() for k in row})
             rows = [
-                [c, model_names[c], k, *(record[key].get(str(c), {}).get(str(k)) for key in keys)] for c, k in cells
+                [c, model_names[c], k, *(values.get(str(c), {}).get(str(k)) for values in by_class.values())]
+                for c, k in cells
             ]
-            tables[f"{prefix}_by_class"] = (["client", "model", "class", *(k.split("_class_")[1] for k in keys)], rows)
-        hists = {k: v for k, v in record.items() if k.endswith("_hist") and isinstance(v, dict)}
-        self.log(flat, step=record["round"], tables=tables, histograms=hists)
+            tables["by_class"] = (["client", "model", "class", *by_class], rows)
+        self.log(flat, step=record["round"], tables=tables, histograms=record.get(HISTOGRAMS, {}))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
@@ -187,20 +183,11 @@ class WandbTracker:
             self.run = None
 
 
-def _per_client(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A record's per-client values: ``{key: {client: value}}``."""
-    return {
-        k: v
-        for k, v in record.items()
-        if isinstance(v, dict) and all(not isinstance(x, dict | list) for x in v.values())
-    }
-
-
 def round_scalars(record: dict[str, Any]) -> dict[str, Any]:
     """A round's record as scalars (``round`` left out: it is the step): its numbers, the counts of
     dropped and failed clients, and per-client values as ``key/client``."""
     flat = {k: v for k, v in record.items() if isinstance(v, int | float | None) and k != "round"}
     flat.update(num_dropped=len(record.get("dropped", [])), num_failed=len(record.get("failed", [])))
-    for key, values in _per_client(record).items():
+    for key, values in record.get(PER_CLIENT, {}).items():
         flat.update({f"{key}/{k}": v for k, v in values.items()})
     return flat

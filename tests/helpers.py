@@ -104,7 +104,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     import torch
 
     ma, mb = ([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b))
-    assert [m["client_acc"] for m in ma] == [m["client_acc"] for m in mb]
+    assert [m["per_client"]["client_acc"] for m in ma] == [m["per_client"]["client_acc"] for m in mb]
     assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
     sa = torch.load(a / "last.ckpt", weights_only=False)
     sb = torch.load(b / "last.ckpt", weights_only=False)

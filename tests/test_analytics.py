@@ -15,6 +15,7 @@ from fedmoe_pl.data import ClientDataModule
 from fedmoe_pl.data.transforms import BatchTransform
 from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.experiment import build_federation
+from fedmoe_pl.rundir import RunDirectory
 from fedmoe_pl.sinks import Wandb
 
 CLASSES = 4
@@ -59,8 +60,8 @@ def test_accuracy_equals_a_hand_count_and_per_class_accuracy_is_exact() -> None:
     preds = [0, 1, 0, 1, 1, 2, 0, 2, 2, 1]
     out = Evaluator()([Scripted(0)], [shard(labels, preds)], num_classes=CLASSES, confusion=True)
     hand = sum(p == y for p, y in zip(preds, labels)) / len(labels)
-    assert out["mean_acc"] == hand == out["client_acc"]["0"] == 0.7
-    assert out["client_class_acc"]["0"] == {"0": 2 / 3, "1": 1.0, "2": 0.6}
+    assert out["mean_acc"] == hand == out["per_client"]["client_acc"]["0"] == 0.7
+    assert out["per_client_class"]["client_class_acc"]["0"] == {"0": 2 / 3, "1": 1.0, "2": 0.6}
     confusion = torch.tensor(out["confusion"])
     assert confusion.sum() == 10 and confusion.trace() == 7 and confusion[2, 0] == 1 and confusion[0, 1] == 1
 
@@ -69,7 +70,7 @@ def test_an_empty_test_shard_is_excluded_and_reported_not_scored_zero() -> None:
     clients = [Scripted(0), Scripted(1), Scripted(2)]
     shards = [shard([0, 1], [0, 0]), shard([], []), shard([2, 2, 3, 3], [2, 2, 3, 3])]
     out = Evaluator()(clients, shards, num_classes=CLASSES)
-    assert out["no_test_clients"] == [1] and set(out["client_acc"]) == {"0", "2"}
+    assert out["no_test_clients"] == [1] and set(out["per_client"]["client_acc"]) == {"0", "2"}
     assert out["mean_acc"] == (0.5 + 1.0) / 2 and out["min_acc"] == 0.5
     assert out["weighted_acc"] == (1 + 4) / 6
 
@@ -80,22 +81,27 @@ def test_gate_analytics_tell_a_collapsed_gate_from_an_input_dependent_one() -> N
     clients = [Scripted(0, constant_gate=0.75), Scripted(1)]
     shards = [shard(labels, labels), shard(labels, labels, gates)]
     out = Evaluator()(clients, shards, num_classes=CLASSES)
+    per_client, by_class, histograms = out["per_client"], out["per_client_class"], out["histograms"]
     assert out["gate_global_collapsed"] == [0]
-    assert out["gate_global_spread"]["0"] == 0.0 and out["gate_global_spread"]["1"] > 0.3
-    assert out["gate_global_class_mean"]["0"] == {"0": 0.75, "1": 0.75}
-    mean = out["gate_global_class_mean"]["1"]
+    assert per_client["gate_global_spread"]["0"] == 0.0 and per_client["gate_global_spread"]["1"] > 0.3
+    assert by_class["gate_global_class_mean"]["0"] == {"0": 0.75, "1": 0.75}
+    mean = by_class["gate_global_class_mean"]["1"]
     assert mean == {"0": round(110 / 4 / 255, 4), "1": round(890 / 4 / 255, 4)}
-    assert out["gate_global_class_q10"]["1"]["0"] < out["gate_global_class_q90"]["1"]["0"] < 0.2
-    assert out["gate_global_hist"]["0"] == [0] * 7 + [8] + [0] * 2  # every sample at 0.75
-    assert sum(out["gate_global_hist"]["1"][:2]) == 4 and sum(out["gate_global_hist"]["1"][7:]) == 4
-    assert out["client_gate_global"]["0"] == 0.75
+    assert by_class["gate_global_class_q10"]["1"]["0"] < by_class["gate_global_class_q90"]["1"]["0"] < 0.2
+    assert histograms["gate_global"]["0"] == [0] * 7 + [8] + [0] * 2  # every sample at 0.75
+    assert sum(histograms["gate_global"]["1"][:2]) == 4 and sum(histograms["gate_global"]["1"][7:]) == 4
+    assert per_client["client_gate_global"]["0"] == 0.75
+    assert set(out) == {  # every value in the section of its kind; only averages and client lists at the top
+        *("mean_acc", "weighted_acc", "std_acc", "min_acc", "no_test_clients", "gate_global_collapsed"),
+        *("per_client", "per_client_class", "histograms"),
+    }
 
 
 def test_plot_draws_the_pictures_of_a_two_round_run(tmp_path: Path, capsys) -> None:
     main(["fit", "--config", str(tiny_config(tmp_path))])
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all("gate_global_class_mean" in r and "gate_global_hist" in r for r in rows)
+    assert all("gate_global_class_mean" in r["per_client_class"] and "gate_global" in r["histograms"] for r in rows)
     summary = json.loads((run / "summary.json").read_text())
     confusion = torch.tensor(summary["confusion"])
     tests = sum(c["test_samples"] for c in summary["clients"])
@@ -107,6 +113,20 @@ def test_plot_draws_the_pictures_of_a_two_round_run(tmp_path: Path, capsys) -> N
     main(["plot", str(run), "--output", str(tmp_path / "pictures")])
     assert {p.stem for p in (tmp_path / "pictures").glob("*.png")} == expected
     assert all(p.stat().st_size > 10_000 for p in (tmp_path / "pictures").glob("*.png"))
+
+    # A run directory of an earlier version kept every value at the top level, histograms as ``<gate>_hist``:
+    # it reads as the same records, and plots the same pictures.
+    def flat(record: dict) -> dict:
+        out = {k: v for k, v in record.items() if k not in ("per_client", "per_client_class", "histograms")}
+        out.update(record["per_client"], **record["per_client_class"])
+        out.update({f"{name}_hist": counts for name, counts in record["histograms"].items()})
+        return out
+
+    (run / "metrics.jsonl").write_text("".join(json.dumps(flat(r)) + "\n" for r in rows))
+    assert "client_acc" in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert RunDirectory(run).read_metrics() == rows
+    main(["plot", str(run), "--output", str(tmp_path / "old")])
+    assert {p.stem for p in (tmp_path / "old").glob("*.png")} == expected
 
 
 def test_plot_of_a_folder_without_metrics_says_so(tmp_path: Path, capsys) -> None:
@@ -123,9 +143,9 @@ def test_gate_analytics_reach_wandb_as_tables_and_histograms_at_step_round(tmp_p
     build_federation(exp, [Wandb(tracker)]).run()
     assert [step for _, step, *_ in tracker.calls] == [1, 2]
     for _, _, tables, histograms in tracker.calls:
-        columns, rows = tables["gate_global_by_class"]
-        assert columns == ["client", "model", "class", "mean", "q10", "q50", "q90"]
+        columns, rows = tables["by_class"]
+        gate = ["gate_global_class_mean", "gate_global_class_q10", "gate_global_class_q50", "gate_global_class_q90"]
+        assert columns == ["client", "model", "class", "client_class_acc", *gate]
         assert [(r[0], r[2]) for r in rows] == [(c, k) for c in range(3) for k in (2 * c, 2 * c + 1)]
-        assert all(0 <= r[4] <= r[5] <= r[6] <= 1 for r in rows)
-        assert tables["client_by_class"][0] == ["client", "model", "class", "acc"]
-        assert set(histograms["gate_global_hist"]) == {"0", "1", "2"}
+        assert all(0 <= r[3] <= 1 and 0 <= r[5] <= r[6] <= r[7] <= 1 for r in rows)
+        assert set(histograms["gate_global"]) == {"0", "1", "2"}

@@ -75,8 +75,9 @@ def test_end_to_end_three_clients_two_rounds(tmp_path, capsys, monkeypatch) -> N
 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2]
-    for key in ("mean_acc", "weighted_acc", "bytes_up", "bytes_down", "wall_s", "client_gate_global"):
+    for key in ("mean_acc", "weighted_acc", "bytes_up", "bytes_down", "wall_s"):
         assert key in metrics[0]
+    assert {"client_acc", "client_gate_global", "gate_global_spread"} <= set(metrics[0]["per_client"])
     partition = json.loads((run / "partition.json").read_text())
     assert partition["fingerprint"] == summary["partition_fingerprint"]
     assert [sorted(c["train"]) for c in partition["clients"]] == [["0", "1"], ["2", "3"], ["4", "5"]]

@@ -198,7 +198,7 @@ def test_runs_sharing_a_client_store_dir_keep_their_own_files(tmp_path) -> None:
     )
     _fit(config, tmp_path / "ref", "--federation.rounds", "3")
     metrics = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("ref", "a")]
-    assert [m["client_acc"] for m in metrics[0]] == [m["client_acc"] for m in metrics[1]]
+    assert [m["per_client"]["client_acc"] for m in metrics[0]] == [m["per_client"]["client_acc"] for m in metrics[1]]
     assert [m["train_loss"] for m in metrics[0]] == [m["train_loss"] for m in metrics[1]]
 
 

@@ -240,8 +240,10 @@ def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> Non
     fed = Federation(cfg, algorithm, InProcessFleet(data, ClientConfig(zoo=["cnn5"]), algorithm, 0), seed=0)
     fed.run()
     record = fed.final
-    assert record is not None and set(record["client_acc"]) == {"0", "1"}
-    assert record["mean_acc"] == pytest.approx((record["client_acc"]["0"] + record["client_acc"]["1"]) / 2)
+    assert record is not None and set(record["per_client"]["client_acc"]) == {"0", "1"}
+    assert record["mean_acc"] == pytest.approx(
+        (record["per_client"]["client_acc"]["0"] + record["per_client"]["client_acc"]["1"]) / 2
+    )
 
 
 # -- the disk fills up ----------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_flower_deployment_gives_the_fit_run_and_stops_every_process(tmp_path: P
     fit, flower = _metrics(tmp_path / "fit"), _metrics(tmp_path / "flower")
     assert [m["round"] for m in flower] == [1, 2]
     for a, b in zip(fit, flower):
-        assert b["client_acc"] == pytest.approx(a["client_acc"], abs=1e-6)
+        assert b["per_client"]["client_acc"] == pytest.approx(a["per_client"]["client_acc"], abs=1e-6)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
         assert b["mean_acc"] == pytest.approx(a["mean_acc"], abs=1e-6)
         assert b["failed"] == a["failed"] == [] and b["unreachable"] == []
@@ -146,7 +146,7 @@ def test_flower_client_killed_mid_round_leaves_the_others_to_finish(tmp_path: Pa
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         assert record["failed"] == [2] and record["unreachable"] == [2] and record["reported"] == 2
-        assert sorted(record["client_acc"]) == ["0", "1"]
+        assert sorted(record["per_client"]["client_acc"]) == ["0", "1"]
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_failed"] == 2
 

@@ -95,7 +95,7 @@ def test_two_ranks_give_the_one_process_run(tmp_path: Path) -> None:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [m["client_acc"] for m in one] == [m["client_acc"] for m in two]
+    assert [m["per_client"]["client_acc"] for m in one] == [m["per_client"]["client_acc"] for m in two]
 
 
 def test_a_stacked_step_and_its_batches_never_wait_for_the_device(tmp_path: Path, monkeypatch) -> None:

@@ -52,7 +52,9 @@ def test_csv_and_tensorboard_loggers_get_every_round_at_its_step(tmp_path: Path)
     for row, record in zip(rows, rounds):
         assert float(row["mean_acc"]) == pytest.approx(record["mean_acc"])
         assert float(row["train_loss"]) == pytest.approx(record["train_loss"])
-        assert float(row["client_acc/1"]) == pytest.approx(record["client_acc"]["1"])  # per client: key/client
+        assert float(row["client_acc/1"]) == pytest.approx(
+            record["per_client"]["client_acc"]["1"]
+        )  # per client: key/client
         assert float(row["total_bytes_up"]) == record["total_bytes_up"]
     hparams = (next((logs / "csv").rglob("hparams.yaml"))).read_text()
     assert "seed_everything" in hparams and "PFedMoE" in hparams
@@ -61,7 +63,9 @@ def test_csv_and_tensorboard_loggers_get_every_round_at_its_step(tmp_path: Path)
     assert sorted(scalars["mean_acc"]) == [1, 2, 3]
     for record in rounds:
         assert scalars["mean_acc"][record["round"]] == pytest.approx(record["mean_acc"], rel=1e-6)
-        assert scalars["client_acc/0"][record["round"]] == pytest.approx(record["client_acc"]["0"], rel=1e-6)
+        assert scalars["client_acc/0"][record["round"]] == pytest.approx(
+            record["per_client"]["client_acc"]["0"], rel=1e-6
+        )
 
 
 def test_a_logger_that_is_not_a_lightning_logger_is_refused_in_one_line(tmp_path: Path, capsys) -> None:

@@ -26,8 +26,8 @@ def test_pfedmoe_first_rounds_are_unchanged(tmp_path) -> None:
     assert [r["round"] for r in rows] == [1, 2, 3]
     for row, (loss, accs, gates) in zip(rows, PINNED):
         assert row["train_loss"] == pytest.approx(loss, rel=1e-5)
-        assert [row["client_acc"][str(k)] for k in range(3)] == accs
-        assert [row["client_gate_global"][str(k)] for k in range(3)] == pytest.approx(gates, rel=1e-5)
+        assert [row["per_client"]["client_acc"][str(k)] for k in range(3)] == accs
+        assert [row["per_client"]["client_gate_global"][str(k)] for k in range(3)] == pytest.approx(gates, rel=1e-5)
 
 
 def client_fingerprints(run) -> dict[int, list[float]]:
