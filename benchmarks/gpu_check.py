@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import torch  # noqa: E402
 from round_overhead import measure  # noqa: E402
 
-from fedmoe_pl.executor import quiet_lightning  # noqa: E402
+from fedmoe_pl.fleets.executor import quiet_lightning  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "quickstart.yaml")
 

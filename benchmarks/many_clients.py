@@ -63,7 +63,7 @@ def config(folder: Path, clients: int, rounds: int, participation: float, eval_c
 def child(config_path: str, run_dir: str) -> None:
     """One run in this process; print its timings, result and this process's peak RSS as JSON."""
     from fedmoe_pl.cli import main
-    from fedmoe_pl.federation import Federation
+    from fedmoe_pl.run.federation import Federation
 
     loop_started: list[float] = []
     run = Federation.run

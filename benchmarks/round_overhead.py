@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from fedmoe_pl.aggregation import weighted_mean
-from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.cli import _experiment, build_parser, subcommand_parser
-from fedmoe_pl.executor import Executor, SequentialExecutor, quiet_lightning
-from fedmoe_pl.experiment import build_federation
-from fedmoe_pl.federation import Federation
-from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.schedule import fit_seed
-from fedmoe_pl.sinks import Checkpoint
+from fedmoe_pl.fleets.batched import BatchedExecutor
+from fedmoe_pl.fleets.executor import Executor, SequentialExecutor, quiet_lightning
+from fedmoe_pl.run.experiment import build_federation
+from fedmoe_pl.run.federation import Federation
+from fedmoe_pl.run.rundir import RunDirectory
+from fedmoe_pl.run.schedule import fit_seed
+from fedmoe_pl.run.sinks import Checkpoint
 
 
 class RoundCheckpoint(Checkpoint):

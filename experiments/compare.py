@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedmoe_pl.results import human, load_run, method_order
+from fedmoe_pl.analysis.results import human, load_run, method_order
 
 ROOT = Path(__file__).resolve().parents[1]
 

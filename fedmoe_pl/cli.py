@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from fedmoe_pl.errors import Interrupted, RunError
-from fedmoe_pl.trainer_settings import TrainerSettings
+from fedmoe_pl.run.trainer_settings import TrainerSettings
 
 if TYPE_CHECKING:
-    from fedmoe_pl.experiment import Experiment
+    from fedmoe_pl.run.experiment import Experiment
 
 # torch and Lightning are imported only by the commands that need them, so that `fedmoe-pl --help`
 # and the tools over finished runs start at once.
@@ -67,8 +67,8 @@ def _experiment_parser(description: str) -> ArgumentParser:
 
     from fedmoe_pl.algorithms import Algorithm, ClientConfig
     from fedmoe_pl.data import FederatedDataModule
-    from fedmoe_pl.federation import FederationConfig
-    from fedmoe_pl.tracking import WandbConfig
+    from fedmoe_pl.run.federation import FederationConfig
+    from fedmoe_pl.run.tracking import WandbConfig
 
     # No abbreviations: `--federation.round 1` must not run as `--federation.rounds 1`.
     parser = ArgumentParser(description=description, exit_on_error=False, allow_abbrev=False)
@@ -133,7 +133,7 @@ def _grid_parser() -> ArgumentParser:
     import typing
     from dataclasses import fields
 
-    from fedmoe_pl.grid import SlurmOptions, option_help
+    from fedmoe_pl.cluster.grid import SlurmOptions, option_help
 
     kinds, helps = typing.get_type_hints(SlurmOptions), option_help(SlurmOptions)
     for option in fields(SlurmOptions):
@@ -156,8 +156,8 @@ def _report_parser() -> ArgumentParser:
 
 
 def _grid(cfg: Namespace) -> int:
-    from fedmoe_pl.grid import Grid, deduplicate, describe, run_local
-    from fedmoe_pl.rundir import make_folder
+    from fedmoe_pl.cluster.grid import Grid, deduplicate, describe, run_local
+    from fedmoe_pl.run.rundir import make_folder
 
     grid = Grid.load(cfg.grid_file)
     if cfg.output:
@@ -178,7 +178,7 @@ def _grid(cfg: Namespace) -> int:
         return run_local(cells)
     from dataclasses import fields
 
-    from fedmoe_pl.slurm import submit
+    from fedmoe_pl.cluster.slurm import submit
 
     for option in fields(grid.slurm):
         if cfg[option.name] is not None:
@@ -190,7 +190,7 @@ def _grid(cfg: Namespace) -> int:
 
 
 def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
-    from fedmoe_pl.experiment import Experiment
+    from fedmoe_pl.run.experiment import Experiment
 
     if not 0 <= cfg.seed_everything < 2**32:
         raise ValueError(f"seed_everything must be an integer in [0, 2**32), got {cfg.seed_everything}")
@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    from fedmoe_pl.distributed import is_leader
-    from fedmoe_pl.executor import quiet_lightning
-    from fedmoe_pl.experiment import fit
+    from fedmoe_pl.fleets.distributed import is_leader
+    from fedmoe_pl.fleets.executor import quiet_lightning
+    from fedmoe_pl.run.experiment import fit
 
     quiet_lightning()
     try:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"results: {Path(exp.federation.run_dir).resolve()}"
             )
         else:
-            from fedmoe_pl.report import write_partition
+            from fedmoe_pl.analysis.report import write_partition
 
             write_partition(exp, Path(sub_cfg.output))
     except Interrupted as stop:
@@ -337,12 +337,12 @@ def _tool_command(command: str, cfg: Namespace) -> int:
         if command == "grid":
             return _grid(cfg)
         if command == "plot":
-            from fedmoe_pl.plots import plot_run
+            from fedmoe_pl.analysis.plots import plot_run
 
             written = plot_run(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None)
             print("written: " + ", ".join(str(p) for p in written))
             return 0
-        from fedmoe_pl.results import write_report
+        from fedmoe_pl.analysis.results import write_report
 
         write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target)
         return 0
@@ -353,8 +353,8 @@ def _tool_command(command: str, cfg: Namespace) -> int:
 
 def _sweep_run_dir(cfg: Namespace) -> None:
     """Under a W&B sweep agent: the run directory derives from the sweep run's id; resume it if it holds a run."""
-    from fedmoe_pl.rundir import RunDirectory
-    from fedmoe_pl.sweep import SweepRun
+    from fedmoe_pl.cluster.sweep import SweepRun
+    from fedmoe_pl.run.rundir import RunDirectory
 
     sweep = SweepRun.from_env()
     if sweep is None or cfg.resume:
@@ -372,7 +372,7 @@ def _sweep_run_dir(cfg: Namespace) -> None:
 
 def _resume_in_place(cfg: Namespace) -> None:
     """``--resume A`` continues the run in A, whatever directory the config names."""
-    from fedmoe_pl.rundir import RunDirectory
+    from fedmoe_pl.run.rundir import RunDirectory
 
     run_dir = RunDirectory.locate(cfg.resume)
     if Path(cfg.federation.run_dir).resolve() != run_dir.resolve():

@@ -13,7 +13,7 @@ os.environ["WANDB_SILENT"] = "true"
 import pytest
 import torch
 
-from fedmoe_pl.executor import quiet_lightning
+from fedmoe_pl.fleets.executor import quiet_lightning
 
 quiet_lightning()
 torch.set_num_threads(2)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedmoe_pl.tracking import WandbTracker
+from fedmoe_pl.run.tracking import WandbTracker
 
 
 def tiny_config(tmp_path: Path, **federation: Any) -> Path:

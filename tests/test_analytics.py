@@ -10,13 +10,13 @@ import torch
 from helpers import RecordingTracker, tiny_config
 from torch import nn
 
+from fedmoe_pl.analysis.evaluation import Evaluator
 from fedmoe_pl.cli import _experiment, build_parser, main, subcommand_parser
 from fedmoe_pl.data import ClientDataModule
 from fedmoe_pl.data.transforms import BatchTransform
-from fedmoe_pl.evaluation import Evaluator
-from fedmoe_pl.experiment import build_federation
-from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.sinks import Wandb
+from fedmoe_pl.run.experiment import build_federation
+from fedmoe_pl.run.rundir import RunDirectory
+from fedmoe_pl.run.sinks import Wandb
 
 CLASSES = 4
 

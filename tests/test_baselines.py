@@ -25,9 +25,9 @@ from fedmoe_pl.algorithms import (
 )
 from fedmoe_pl.cli import build_parser, subcommand_parser
 from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
-from fedmoe_pl.federation import Federation, FederationConfig
-from fedmoe_pl.in_process import InProcessFleet
-from fedmoe_pl.sinks import Sink
+from fedmoe_pl.fleets.in_process import InProcessFleet
+from fedmoe_pl.run.federation import Federation, FederationConfig
+from fedmoe_pl.run.sinks import Sink
 
 HETERO = ["cnn5", "cnn4", "cnn3"]
 ROOT = Path(__file__).resolve().parents[1]

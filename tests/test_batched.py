@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import overlay, tiny_config
 
-from fedmoe_pl.batched import BatchedExecutor
 from fedmoe_pl.cli import _experiment, build_parser, main, subcommand_parser
-from fedmoe_pl.executor import SequentialExecutor
-from fedmoe_pl.experiment import build_federation
-from fedmoe_pl.federation import Federation
+from fedmoe_pl.fleets.batched import BatchedExecutor
+from fedmoe_pl.fleets.executor import SequentialExecutor
+from fedmoe_pl.run.experiment import build_federation
+from fedmoe_pl.run.federation import Federation
 
 METHODS = {
     "pfedmoe": {"class_path": "fedmoe_pl.algorithms.PFedMoE", "init_args": {"gate_hidden": 16, "gate_lr": 0.02}},
@@ -92,7 +92,7 @@ def test_pfedmoe_clients_of_every_architecture_form_one_group_and_other_methods_
 ) -> None:
     """pFedMoE's gate and global expert have the same shapes in every client: one stack for the whole
     round, local experts and heads stacked per architecture (the equivalence tests above run it)."""
-    from fedmoe_pl.batched import _Common, _Loss, architecture_key
+    from fedmoe_pl.fleets.batched import _Common, _Loss, architecture_key
 
     executor = BatchedExecutor("cpu", batched_group=6)
     for method, expected in (("pfedmoe", [[0, 1, 2, 3, 4, 5]]), ("standalone", [[0, 2, 4], [1, 3, 5]])):
@@ -221,7 +221,7 @@ def test_clipping_and_accumulation_agree_between_the_executors_tensor_for_tensor
 
 def test_clipping_and_accumulation_match_a_plain_pytorch_loop(tmp_path: Path) -> None:
     """An independent loop: torch.optim.SGD, backward of loss / k, clip_grad_norm_ before each step."""
-    from fedmoe_pl.batched import epoch_batches
+    from fedmoe_pl.fleets.batched import epoch_batches
 
     k, clip = 3, 0.05
     fed = _federation(tmp_path, "pfedmoe")
@@ -328,7 +328,7 @@ def test_a_stacked_group_that_cannot_vmap_trains_one_at_a_time_and_a_failure_sta
 
 
 def test_auto_means_batched_on_a_gpu_when_the_settings_allow_it_and_sequential_otherwise() -> None:
-    from fedmoe_pl.experiment import uses_batched
+    from fedmoe_pl.run.experiment import uses_batched
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert uses_batched("auto", cuda, {}) and uses_batched("auto", cuda, {"precision": "bf16-mixed"})

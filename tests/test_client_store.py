@@ -8,7 +8,7 @@ import torch
 from helpers import assert_same_run, client_states, tiny_config
 
 from fedmoe_pl.cli import main
-from fedmoe_pl.clients import ClientFiles, DiskClients, MemoryClients
+from fedmoe_pl.fleets.clients import ClientFiles, DiskClients, MemoryClients
 from fedmoe_pl.models import build_model
 
 
@@ -162,7 +162,7 @@ def test_a_damaged_client_file_met_during_a_run_is_named_in_one_line(tmp_path, c
     _fit(config, run, "--federation.client_store", "disk", "--federation.rounds", "1")
     (cid, version), *_ = _named_by(run, "last.ckpt").items()
     path = run / "clients" / f"{cid}.r{version}.pt"
-    from fedmoe_pl.clients import ClientFiles
+    from fedmoe_pl.fleets.clients import ClientFiles
 
     files = ClientFiles(run / "clients")
     files.restore({"version": {cid: version}})
@@ -203,9 +203,9 @@ def test_runs_sharing_a_client_store_dir_keep_their_own_files(tmp_path) -> None:
 
 
 def test_follower_ranks_keep_their_disk_store_beside_rank_zero_s(tmp_path) -> None:
-    from fedmoe_pl.distributed import ProcessGroup
-    from fedmoe_pl.experiment import client_pool, store_directory
-    from fedmoe_pl.schedule import FederationConfig
+    from fedmoe_pl.fleets.distributed import ProcessGroup
+    from fedmoe_pl.run.experiment import client_pool, store_directory
+    from fedmoe_pl.run.schedule import FederationConfig
 
     cfg = FederationConfig(run_dir=str(tmp_path / "run"), client_store="disk", client_store_dir=str(tmp_path / "s"))
     group = ProcessGroup.from_env(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_run, free_port, overlay, tiny_config
 
-from fedmoe_pl.distributed import ProcessGroup, assign
+from fedmoe_pl.fleets.distributed import ProcessGroup, assign
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_distributed_slurm_srun_two_tasks_give_the_single_process_run(tmp_path: 
 # Two ranks started by hand (no torchrun agent to kill the survivors); one of them fails in round 2.
 _FAILING_RANK = """
 import os, sys
-from fedmoe_pl.in_process import InProcessFleet
+from fedmoe_pl.fleets.in_process import InProcessFleet
 if os.environ["RANK"] == os.environ["FAIL_RANK"]:
     end_round = InProcessFleet.end_round
     def fail_in_round_2(self, round_):

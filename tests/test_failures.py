@@ -16,9 +16,9 @@ import yaml
 from helpers import assert_same_run, client_states, fashion_overlay, snapshot, tiny_config, write_idx
 
 from fedmoe_pl.cli import main
-from fedmoe_pl.executor import FitJob, SequentialExecutor
-from fedmoe_pl.federation import Federation
-from fedmoe_pl.in_process import InProcessFleet
+from fedmoe_pl.fleets.executor import FitJob, SequentialExecutor
+from fedmoe_pl.fleets.in_process import InProcessFleet
+from fedmoe_pl.run.federation import Federation
 
 
 def _garbage_checkpoint(tmp: Path) -> None:
@@ -219,7 +219,7 @@ def test_dropout_is_seeded_and_the_round_aggregates_who_reported(tmp_path, capsy
 
 
 def test_dropout_draws_at_its_rate() -> None:
-    from fedmoe_pl.schedule import dropped_clients
+    from fedmoe_pl.run.schedule import dropped_clients
 
     share = sum(len(dropped_clients(3, r, list(range(100)), 0.3)) for r in range(1, 51)) / 5000
     assert share == pytest.approx(0.3, abs=0.03)
@@ -229,7 +229,7 @@ def test_dropout_draws_at_its_rate() -> None:
 def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> None:
     from fedmoe_pl.algorithms import ClientConfig, Standalone
     from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
-    from fedmoe_pl.federation import FederationConfig
+    from fedmoe_pl.run.federation import FederationConfig
 
     data = FederatedDataModule(Synthetic(num_classes=2, train_per_class=24, test_per_class=8), IID(), 3, batch_size=16)
     data.setup(0)
@@ -253,7 +253,7 @@ def test_clients_without_test_samples_are_left_out_of_the_means(tmp_path) -> Non
 def test_a_full_disk_leaves_no_stray_file_and_the_run_resumes_identically(
     tmp_path, capsys, monkeypatch, failing_round
 ) -> None:
-    import fedmoe_pl.rundir as rundir
+    import fedmoe_pl.run.rundir as rundir
 
     config = tiny_config(tmp_path, rounds=3)
     straight = tmp_path / "straight"
@@ -338,7 +338,7 @@ def test_an_empty_round_between_reporting_ones_is_recorded_and_the_run_completes
             raise RuntimeError("a flaky round")
         return original(self, job)
 
-    from fedmoe_pl.schedule import fit_seed
+    from fedmoe_pl.run.schedule import fit_seed
 
     empty_round_seeds = {fit_seed(7, 2, cid) for cid in range(3)}  # tiny_config's seed is 7: round 2 fails
     monkeypatch.setattr(SequentialExecutor, "_fit_one", fit_one)

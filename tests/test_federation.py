@@ -4,10 +4,10 @@ from helpers import RecordingTracker
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientConfig, PFedMoE, Standalone
 from fedmoe_pl.data import IID, FederatedDataModule, Synthetic
-from fedmoe_pl.federation import Federation, FederationConfig, clients_per_round, sample_clients
-from fedmoe_pl.in_process import InProcessFleet
-from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.sinks import MetricsFile, Sink, Wandb
+from fedmoe_pl.fleets.in_process import InProcessFleet
+from fedmoe_pl.run.federation import Federation, FederationConfig, clients_per_round, sample_clients
+from fedmoe_pl.run.rundir import RunDirectory
+from fedmoe_pl.run.sinks import MetricsFile, Sink, Wandb
 
 
 def small_federation(

@@ -11,12 +11,12 @@ import torch
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientConfig, ClientContext, ClientResult, FederatedClient, Instruction
 from fedmoe_pl.algorithms.pfedmoe import PFedMoE
+from fedmoe_pl.analysis.evaluation import Evaluator, summarize
 from fedmoe_pl.data import FederatedDataModule, Pathological, Synthetic
-from fedmoe_pl.evaluation import Evaluator, summarize
-from fedmoe_pl.federation import Federation, FederationConfig
-from fedmoe_pl.fleet import Cohort, FitOutcome
-from fedmoe_pl.rundir import RunDirectory
-from fedmoe_pl.sinks import Checkpoint
+from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
+from fedmoe_pl.run.federation import Federation, FederationConfig
+from fedmoe_pl.run.rundir import RunDirectory
+from fedmoe_pl.run.sinks import Checkpoint
 
 
 class PlainLoopFleet:
@@ -128,7 +128,7 @@ def test_a_toy_fleet_runs_the_loop_and_sees_only_its_own_calls(tmp_path: Path) -
 
 def test_the_loop_imports_no_place_where_clients_live() -> None:
     """federation.py talks to a fleet; executors, pools, evaluators and data stay behind it."""
-    source = (Path(__file__).resolve().parents[1] / "fedmoe_pl" / "federation.py").read_text()
+    source = (Path(__file__).resolve().parents[1] / "fedmoe_pl" / "run" / "federation.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     for module in ("executor", "batched", "distributed", "clients", "evaluation", "data", "in_process", "flower"):
         assert not any(f"fedmoe_pl.{module}" in line for line in imports), module

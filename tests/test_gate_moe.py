@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from fedmoe_pl.algorithms import ClientConfig, ClientContext, PFedMoE, PFedMoEClient
+from fedmoe_pl.analysis.evaluation import Evaluator
 from fedmoe_pl.data import FederatedDataModule, Pathological, Synthetic
-from fedmoe_pl.evaluation import Evaluator
 from fedmoe_pl.models import GatingNetwork, LocalMoE, SwitchNorm1d, build_model
 
 

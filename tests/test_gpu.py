@@ -101,7 +101,7 @@ def test_two_ranks_give_the_one_process_run(tmp_path: Path) -> None:
 def test_a_stacked_step_and_its_batches_never_wait_for_the_device(tmp_path: Path, monkeypatch) -> None:
     """No host synchronisation inside an epoch: CUDA's sync debug mode turns any into an error while
     batches are made and stacked steps run (the split pFedMoE group, clipping and accumulation included)."""
-    from fedmoe_pl import batched
+    from fedmoe_pl.fleets import batched
 
     cuda = DEVICE == "cuda"  # on the CPU (the dry run) the same run, without CUDA's sync check
     step, batches = batched.BatchedExecutor._step, batched.JobBatches.__iter__

@@ -13,8 +13,8 @@ import yaml
 from helpers import assert_same_run, snapshot, tiny_config
 
 from fedmoe_pl.cli import build_parser, main, subcommand_parser
-from fedmoe_pl.grid import Grid, run_local
-from fedmoe_pl.slurm import array_spec, requeue_self, sbatch_script
+from fedmoe_pl.cluster.grid import Grid, run_local
+from fedmoe_pl.cluster.slurm import array_spec, requeue_self, sbatch_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "grids" / "paper.yaml"
@@ -171,7 +171,11 @@ def test_sbatch_script_requeues_on_usr1_and_takes_the_flags(tmp_path: Path, caps
         "#SBATCH --signal=USR1@120",
     ):
         assert line in out.splitlines()
-    assert "srun --ntasks=1" in out and "-m fedmoe_pl.slurm" in out and out.rstrip().endswith("$SLURM_ARRAY_TASK_ID")
+    assert (
+        "srun --ntasks=1" in out
+        and "-m fedmoe_pl.cluster.slurm" in out
+        and out.rstrip().endswith("$SLURM_ARRAY_TASK_ID")
+    )
     grid = Grid.load(grid_file)
     script = sbatch_script(grid, grid.slurm, tmp_path / "m" / "cells.json", [1], tmp_path)
     assert "--account" not in script and "#SBATCH --array=1%5" in script
@@ -181,7 +185,7 @@ def test_every_slurm_option_of_a_grid_file_is_also_a_flag(tmp_path: Path, capsys
     from dataclasses import fields
 
     from fedmoe_pl.cli import build_parser
-    from fedmoe_pl.grid import SlurmOptions
+    from fedmoe_pl.cluster.grid import SlurmOptions
 
     grid_parser = build_parser()._subcommands_action._name_parser_map["grid"]
     flags = {opt for action in grid_parser._actions for opt in action.option_strings}
@@ -247,8 +251,8 @@ def test_inside_a_slurm_job_the_client_trainers_leave_requeueing_to_the_federati
     import lightning as L
 
     from fedmoe_pl.cli import _experiment
-    from fedmoe_pl.executor import FitJob, SequentialExecutor
-    from fedmoe_pl.experiment import build_federation
+    from fedmoe_pl.fleets.executor import FitJob, SequentialExecutor
+    from fedmoe_pl.run.experiment import build_federation
 
     for key, value in (("SLURM_NTASKS", "1"), ("SLURM_JOB_NAME", "fedmoe-t"), ("SLURM_JOB_ID", "5")):
         monkeypatch.setenv(key, value)

@@ -14,7 +14,7 @@ from helpers import assert_same_run, fashion_overlay, overlay, tiny_config, writ
 
 from fedmoe_pl.cli import main
 from fedmoe_pl.errors import Interrupted
-from fedmoe_pl.signals import StopSignals
+from fedmoe_pl.run.signals import StopSignals
 
 
 def test_a_signal_during_abandonable_work_interrupts_it_at_once() -> None:
@@ -111,7 +111,7 @@ def test_four_runs_started_at_once_on_a_fresh_data_root_all_finish(tmp_path) -> 
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, capsys) -> None:
-    from fedmoe_pl.rundir import RunDirectory
+    from fedmoe_pl.run.rundir import RunDirectory
 
     config = tiny_config(tmp_path, rounds=1)
     holder = RunDirectory(tmp_path / "run")

@@ -15,7 +15,7 @@ from helpers import overlay, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedmoe_pl.cli import main
-from fedmoe_pl.grid import Grid, write_cell_file
+from fedmoe_pl.cluster.grid import Grid, write_cell_file
 from fedmoe_pl.models import build_model
 
 

@@ -13,7 +13,7 @@ import yaml
 from helpers import assert_same_run, tiny_config
 
 from fedmoe_pl.cli import main
-from fedmoe_pl.grid import Grid
+from fedmoe_pl.cluster.grid import Grid
 
 pytestmark = pytest.mark.slow
 

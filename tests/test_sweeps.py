@@ -14,7 +14,7 @@ import yaml
 from helpers import RecordingTracker, assert_same_run, tiny_config
 
 from fedmoe_pl.cli import build_parser, main, subcommand_parser
-from fedmoe_pl.tracking import WandbConfig, WandbTracker, resolve_mode
+from fedmoe_pl.run.tracking import WandbConfig, WandbTracker, resolve_mode
 
 sweeps = pytest.importorskip("sweeps", reason="the sweep tests need W&B's sweeps package (pip install .[dev])")
 wandb_agent = pytest.importorskip("wandb.wandb_agent")
@@ -188,7 +188,7 @@ def test_a_stop_from_the_sweep_agent_ends_the_run_as_stopped_not_preempted(monke
 
 
 def test_only_a_preemption_marks_a_run_preempting(tmp_path: Path) -> None:
-    from fedmoe_pl.sinks import Wandb
+    from fedmoe_pl.run.sinks import Wandb
 
     class Tracker(RecordingTracker):
         def __init__(self) -> None:
@@ -214,7 +214,7 @@ def test_under_a_sweep_sigterm_is_final_and_sigusr1_a_preemption(monkeypatch) ->
     import signal
 
     from fedmoe_pl.errors import Interrupted
-    from fedmoe_pl.experiment import stop_signals
+    from fedmoe_pl.run.experiment import stop_signals
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "s")
     monkeypatch.setenv("WANDB_RUN_ID", "r")
@@ -264,8 +264,8 @@ def test_sweep_forced_offline_warns_that_the_sweep_gets_no_metrics(monkeypatch, 
 
 def test_sweep_metric_is_logged_to_wandb_history_every_evaluated_round(tmp_path: Path) -> None:
     from fedmoe_pl.cli import _experiment
-    from fedmoe_pl.experiment import build_federation
-    from fedmoe_pl.sinks import Wandb
+    from fedmoe_pl.run.experiment import build_federation
+    from fedmoe_pl.run.sinks import Wandb
 
     tracker = RecordingTracker()
     parser = subcommand_parser(build_parser(), "fit")

@@ -11,7 +11,7 @@ import pytest
 from helpers import tiny_config
 
 from fedmoe_pl.cli import build_parser, main, subcommand_parser
-from fedmoe_pl.trainer_settings import TRAINER_KEYS
+from fedmoe_pl.run.trainer_settings import TRAINER_KEYS
 
 
 def _refused(argv: list[str], capsys) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
 from fedmoe_pl.algorithms.client import ClientConfig, ClientContext, FederatedClient
-from fedmoe_pl.schedule import SERVER_STREAM
+from fedmoe_pl.run.schedule import SERVER_STREAM
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedmoe_pl.aggregation import Payload
 from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
-from fedmoe_pl.trainer_settings import StepRules
+from fedmoe_pl.run.trainer_settings import StepRules
 
 DEFAULT_ZOO: list[ModelSpec] = ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
 
@@ -129,7 +129,7 @@ class FederatedClient(L.LightningModule):
         """Logits and per-sample diagnostics, shape (B,), that the evaluator averages per client.
 
         An extra named ``gate_*`` (a weight in [0, 1]) is also summarised per class and as a
-        histogram (:mod:`fedmoe_pl.evaluation`).
+        histogram (:mod:`fedmoe_pl.analysis.evaluation`).
         """
         return self(x), {}
 

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from fedmoe_pl.rundir import RunDirectory
+from fedmoe_pl.run.rundir import RunDirectory
 
 APP_DIR = Path(__file__).resolve().parent / "app"  # the Flower app (its pyproject.toml), installed with the package
 HOST = "127.0.0.1"

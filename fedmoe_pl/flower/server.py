@@ -1,6 +1,6 @@
 """The ServerApp: the federation's round loop, with its clients on Flower SuperNodes.
 
-The loop is :class:`~fedmoe_pl.federation.Federation` itself, with the same sampling, the same
+The loop is :class:`~fedmoe_pl.run.federation.Federation` itself, with the same sampling, the same
 :class:`~fedmoe_pl.algorithms.Algorithm` (``configure``, ``aggregate``), the same sinks and the
 same run directory as ``fedmoe-pl fit`` (no checkpoint: the clients' states live on their nodes,
 so a Flower run is not resumed). What changes is the fleet, where the clients are
@@ -10,7 +10,7 @@ so a Flower run is not resumed). What changes is the fleet, where the clients ar
   message to that client, and every one is sent before the round ends;
 - a local fit is a ``train`` message to the client's node, with the round's seed and epochs;
 - evaluation is an ``evaluate`` message: each node scores its client and the server combines the
-  scores as the in-process evaluator does (:func:`fedmoe_pl.evaluation.summarize`).
+  scores as the in-process evaluator does (:func:`fedmoe_pl.analysis.evaluation.summarize`).
 
 A node that does not answer within ``timeout`` seconds, or that Flower reports gone, is left out of
 the round (``failed`` in the round's record) and of its evaluation (``unreachable``); the others go
@@ -45,15 +45,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientResult, FederatedClient, Instruction
+from fedmoe_pl.analysis.evaluation import summarize
 from fedmoe_pl.errors import ClientUnreachable
-from fedmoe_pl.evaluation import summarize
-from fedmoe_pl.executor import quiet_lightning
-from fedmoe_pl.experiment import Experiment, fit
-from fedmoe_pl.federation import Federation
-from fedmoe_pl.fleet import Cohort, FitOutcome
+from fedmoe_pl.fleets.executor import quiet_lightning
+from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
+from fedmoe_pl.fleets.in_process import InProcessFleet
 from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record, number, put_instructions
-from fedmoe_pl.in_process import InProcessFleet
-from fedmoe_pl.sinks import Sink
+from fedmoe_pl.run.experiment import Experiment, fit
+from fedmoe_pl.run.federation import Federation
+from fedmoe_pl.run.sinks import Sink
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedmoe_pl.algorithms import FederatedClient
+from fedmoe_pl.analysis.evaluation import Evaluator
 from fedmoe_pl.data import ClientDataModule
-from fedmoe_pl.evaluation import Evaluator
-from fedmoe_pl.executor import FitJob, SequentialExecutor
-from fedmoe_pl.experiment import Experiment, training_device
+from fedmoe_pl.fleets.executor import FitJob, SequentialExecutor
 from fedmoe_pl.flower.client import BEFORE_FIT, FITS, STATE, partition_id
 from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, number, take_instructions, to_record
+from fedmoe_pl.run.experiment import Experiment, training_device
 
 
 @dataclass
@@ -83,8 +83,8 @@ def _built(fit_args: str, cid: int) -> tuple[Experiment, FederatedClient, dict[s
     key = (fit_args, cid)
     if key not in _BUILT:
         from fedmoe_pl.cli import experiment_from_args
-        from fedmoe_pl.executor import quiet_lightning
-        from fedmoe_pl.in_process import client_builder
+        from fedmoe_pl.fleets.executor import quiet_lightning
+        from fedmoe_pl.fleets.in_process import client_builder
 
         quiet_lightning()
         exp = experiment_from_args(shlex.split(fit_args))

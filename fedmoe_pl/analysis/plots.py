@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_pl.rundir import HISTOGRAMS, METRICS, PARTITION, PER_CLIENT, PER_CLIENT_CLASS, RunDirectory, make_folder
+from fedmoe_pl.run.rundir import HISTOGRAMS, METRICS, PARTITION, PER_CLIENT, PER_CLIENT_CLASS, RunDirectory, make_folder
 
 HIST_CLIENTS = 4  # clients shown in the gate-histogram figure
 

@@ -29,7 +29,7 @@ client): each of its clients then trains alone, so a failure is traced to its ow
 Gradient clipping and accumulation (``trainer.gradient_clip_val``, ``accumulate_grad_batches``)
 follow the client's manual step exactly; a parameter that got no gradient is left alone, as
 ``torch.optim.SGD`` leaves it. Trainer settings this executor does not honour are refused when it
-is built (:func:`~fedmoe_pl.trainer_settings.batched_refusals`).
+is built (:func:`~fedmoe_pl.run.trainer_settings.batched_refusals`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
-from fedmoe_pl.executor import Executor, FitJob, FitOutcome, SequentialExecutor, diverged
-from fedmoe_pl.stacked_sgd import Indices, StackedSGD, clip_like_torch, clip_stacked
-from fedmoe_pl.trainer_settings import StepRules, check_batched
+from fedmoe_pl.fleets.executor import Executor, FitJob, FitOutcome, SequentialExecutor, diverged
+from fedmoe_pl.fleets.stacked_sgd import Indices, StackedSGD, clip_like_torch, clip_stacked
+from fedmoe_pl.run.trainer_settings import StepRules, check_batched
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -176,7 +176,7 @@ class BatchedExecutor:
         device: where the stacked clients train.
         fallback: the executor of clients that are not batchable, and of a group whose stacked step
             failed (default: one Trainer each).
-        trainer: the ``trainer`` settings (:class:`~fedmoe_pl.trainer_settings.TrainerSettings`):
+        trainer: the ``trainer`` settings (:class:`~fedmoe_pl.run.trainer_settings.TrainerSettings`):
             ``precision: bf16-mixed`` runs the forward pass under bfloat16 autocast (fp32 otherwise),
             clipping and accumulation as the client's step; any other setting is refused.
         batched_group: the most clients stacked in one step. Default: all of a group on a GPU, one on

@@ -8,7 +8,7 @@ the weights are summarised per (client, class) — mean and quantiles — and as
 the spread within each client telling an input-dependent gate from a collapsed one.
 
 A round's fields (:func:`summarize`) put the averages at the top level and the rest in the record's
-sections (:mod:`fedmoe_pl.rundir`): ``client_acc`` and ``<gate>_spread`` per client,
+sections (:mod:`fedmoe_pl.run.rundir`): ``client_acc`` and ``<gate>_spread`` per client,
 ``client_class_acc`` and ``<gate>_class_{mean,q10,q50,q90}`` per client and class, and ``<gate>``
 among the histograms.
 """
@@ -24,7 +24,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix, 
 
 from fedmoe_pl.algorithms import FederatedClient
 from fedmoe_pl.data import ClientDataModule
-from fedmoe_pl.rundir import HISTOGRAMS, PER_CLIENT, PER_CLIENT_CLASS
+from fedmoe_pl.run.rundir import HISTOGRAMS, PER_CLIENT, PER_CLIENT_CLASS
 
 GATE_BINS = 10  # histogram bins over [0, 1]
 QUANTILES = (0.1, 0.5, 0.9)

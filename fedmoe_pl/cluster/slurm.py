@@ -2,7 +2,7 @@
 
 ``submit`` writes, under ``<output>/.slurm/<time>/``, the cells as ``cells.json`` and one sbatch
 script, then submits it as a job array with one task per unfinished cell. Each task runs
-``python -m fedmoe_pl.slurm cells.json $SLURM_ARRAY_TASK_ID`` as an ``srun`` step, so that both
+``python -m fedmoe_pl.cluster.slurm cells.json $SLURM_ARRAY_TASK_ID`` as an ``srun`` step, so that both
 the time-limit signal (``--signal=USR1@lead``) and ``scancel --signal=USR1`` reach the Python
 process. On SIGUSR1 the run keeps its last complete round's checkpoint, the task requeues
 itself (``scontrol requeue``) and the requeued task resumes from the run directory.
@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fedmoe_pl.grid import Cell, Grid, SlurmOptions, write_cell_file
+from fedmoe_pl.cluster.grid import Cell, Grid, SlurmOptions, write_cell_file
 
 REQUEUE_EXIT = 128 + signal.SIGUSR1  # a run interrupted by SIGUSR1 exits with this code
 TASK_FILE = "slurm-task.json"  # in a cell's run directory: the array task submitted for it
@@ -68,7 +68,7 @@ def sbatch_script(grid: Grid, opts: SlurmOptions, manifest: Path, indices: list[
     if opts.account:
         lines.append(f"#SBATCH --account={opts.account}")
     lines += [f"#SBATCH {option}" for option in opts.extra]
-    task = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "fedmoe_pl.slurm", str(manifest.resolve())))
+    task = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "fedmoe_pl.cluster.slurm", str(manifest.resolve())))
     lines += [
         "",
         f"cd {shlex.quote(str(workdir.resolve()))}",
@@ -174,5 +174,5 @@ def run_task(manifest: Path, index: int) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m fedmoe_pl.slurm CELLS_JSON INDEX (run by the grid's sbatch script)")
+        raise SystemExit("usage: python -m fedmoe_pl.cluster.slurm CELLS_JSON INDEX (run by the grid's sbatch script)")
     raise SystemExit(run_task(Path(sys.argv[1]), int(sys.argv[2])))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_pl.rundir import CELL, SUMMARY, RunDirectory, make_folder
+from fedmoe_pl.run.rundir import CELL, SUMMARY, RunDirectory, make_folder
 
 FIRST = ("pfedmoe", "standalone")  # listed first; the other methods alphabetically
 

@@ -1,13 +1,13 @@
 """The seam between the round loop and wherever a run's clients are: a :class:`Fleet`.
 
-The loop (:class:`~fedmoe_pl.federation.Federation`) decides *what* happens in a round: which
+The loop (:class:`~fedmoe_pl.run.federation.Federation`) decides *what* happens in a round: which
 clients train, what the server sends them, what it does with their results. A fleet answers for
 *where* that happens: it hands the server's instructions to its clients, trains a cohort, scores
 clients on their test shards, and reports what it measured of the round. Calls go one way: the
 loop calls the fleet, the fleet never calls the loop.
 
 Shipped fleets: the clients in this process, or spread over ranks
-(:class:`~fedmoe_pl.in_process.InProcessFleet`), and the clients on Flower SuperNodes
+(:class:`~fedmoe_pl.fleets.in_process.InProcessFleet`), and the clients on Flower SuperNodes
 (:class:`~fedmoe_pl.flower.server.FlowerFleet`). A new place for clients (Ray actors, a process
 pool) is one class with the methods below; the README's "Adding a place for clients" shows one.
 """
@@ -89,7 +89,7 @@ class Fleet(Protocol):
 
     def evaluate(self, round_: int, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
         """Score clients ``ids`` on their test shards: the evaluation fields of the round's record
-        (:func:`fedmoe_pl.evaluation.summarize`)."""
+        (:func:`fedmoe_pl.analysis.evaluation.summarize`)."""
         ...
 
     def end_round(self, round_: int) -> dict[str, Any]:

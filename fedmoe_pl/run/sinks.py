@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from fedmoe_pl.errors import RunError
-from fedmoe_pl.rundir import SUMMARY, RunDirectory
-from fedmoe_pl.tracking import WandbTracker, round_scalars
+from fedmoe_pl.run.rundir import SUMMARY, RunDirectory
+from fedmoe_pl.run.tracking import WandbTracker, round_scalars
 
 if TYPE_CHECKING:
-    from fedmoe_pl.federation import Federation
+    from fedmoe_pl.run.federation import Federation
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,13 @@ class ProgressBar(Sink):
 
 
 class Plots(Sink):
-    """The run's pictures (:mod:`fedmoe_pl.plots`), drawn into the run directory however the run ends."""
+    """The run's pictures (:mod:`fedmoe_pl.analysis.plots`), drawn into the run directory however the run ends."""
 
     def __init__(self, run_dir: RunDirectory) -> None:
         self.run_dir = run_dir
 
     def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
-        from fedmoe_pl.plots import plot_run
+        from fedmoe_pl.analysis.plots import plot_run
 
         if fed.round == 0:
             return  # no round, nothing to draw

@@ -42,7 +42,7 @@ class FederationConfig:
             directory). It must stay beside the run's checkpoint to resume.
         executor: how a round's clients train: ``sequential`` (a Lightning Trainer per client, in
             turn) or ``batched`` (the clients of one architecture stacked and trained together,
-            one step for all; :mod:`fedmoe_pl.batched`) or ``auto`` (batched on a GPU when the
+            one step for all; :mod:`fedmoe_pl.fleets.batched`) or ``auto`` (batched on a GPU when the
             ``trainer`` settings allow it, sequential otherwise; not yet the default, as the batched
             path is still to be measured on a GPU). Both give the same parameters up to float
             rounding; methods whose clients are not batchable train sequentially either way.

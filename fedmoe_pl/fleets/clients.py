@@ -31,7 +31,7 @@ import torch
 
 from fedmoe_pl.algorithms import FederatedClient
 from fedmoe_pl.errors import RunError
-from fedmoe_pl.rundir import fsync_directory
+from fedmoe_pl.run.rundir import fsync_directory
 
 Builder = Callable[[int], FederatedClient]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fedmoe_pl.rundir import CELL, RunDirectory
+from fedmoe_pl.run.rundir import CELL, RunDirectory
 
 _VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
 

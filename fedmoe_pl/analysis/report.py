@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmoe_pl.rundir import make_folder
+from fedmoe_pl.run.rundir import make_folder
 
 if TYPE_CHECKING:
-    from fedmoe_pl.experiment import Experiment
+    from fedmoe_pl.run.experiment import Experiment
 
 
 def label_matrix(report: dict[str, Any], part: str = "train") -> np.ndarray:

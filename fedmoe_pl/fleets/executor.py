@@ -21,8 +21,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from fedmoe_pl.algorithms import ClientResult, FederatedClient
 from fedmoe_pl.data import ClientDataModule
-from fedmoe_pl.fleet import FitOutcome, diverged
-from fedmoe_pl.trainer_settings import FEDERATION_OWNED, StepRules, lightning_kwargs
+from fedmoe_pl.fleets.fleet import FitOutcome, diverged
+from fedmoe_pl.run.trainer_settings import FEDERATION_OWNED, StepRules, lightning_kwargs
 
 
 @dataclass
@@ -50,7 +50,7 @@ def quiet_lightning() -> None:
 
 
 class Executor(Protocol):
-    """Trains a round's cohort of clients, inside a fleet (:class:`~fedmoe_pl.in_process.InProcessFleet`)."""
+    """Trains a round's cohort of clients, inside a fleet (:class:`~fedmoe_pl.fleets.in_process.InProcessFleet`)."""
 
     def fit(self, jobs: Sequence[FitJob]) -> Iterator[FitOutcome]:
         """Train every job's client; yield one outcome per job, in order."""
@@ -66,7 +66,7 @@ class SequentialExecutor:
     """A fresh Lightning ``Trainer`` and ``Trainer.fit`` per client, one client after another.
 
     Args:
-        trainer_kwargs: the user's ``trainer`` settings (:class:`~fedmoe_pl.trainer_settings.TrainerSettings`);
+        trainer_kwargs: the user's ``trainer`` settings (:class:`~fedmoe_pl.run.trainer_settings.TrainerSettings`);
             clipping and accumulation go to the client's step, the rest to the Trainer. The executor
             sets the arguments a local fit owns (one device, the epochs, no logging or checkpoints).
         plugins: the Trainers' plugins (default: under Slurm, its environment without auto-requeue).
@@ -84,7 +84,7 @@ class SequentialExecutor:
         self._lightning_kwargs = lightning_kwargs(self.trainer_kwargs)
         self.devices = devices
         # Under Slurm, Lightning would save and requeue a single local fit on SIGUSR1; the
-        # federation keeps its own checkpoints and requeues itself (fedmoe_pl.slurm).
+        # federation keeps its own checkpoints and requeues itself (fedmoe_pl.cluster.slurm).
         if plugins is None:
             plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
         self.plugins = plugins

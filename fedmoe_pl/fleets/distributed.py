@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
-from fedmoe_pl.executor import Executor, FitJob, FitOutcome
-from fedmoe_pl.rank_watch import RankWatch
+from fedmoe_pl.fleets.executor import Executor, FitJob, FitOutcome
+from fedmoe_pl.fleets.rank_watch import RankWatch
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ class ProcessGroup:
 
     def start(self, use_cuda: bool, rendezvous_dir: str | Path | None = None) -> RankWatch:
         """Join the group (``nccl`` with each rank on its GPU, else ``gloo``) and start the watch that
-        makes every rank stop when one fails (:mod:`fedmoe_pl.rank_watch`).
+        makes every rank stop when one fails (:mod:`fedmoe_pl.fleets.rank_watch`).
 
         Under ``srun`` without ``MASTER_ADDR``/``MASTER_PORT``, rank 0 picks a free port on the step's
         first node and passes it through a file in ``rendezvous_dir`` (a folder every node sees):

@@ -14,23 +14,23 @@ import lightning as L
 import torch
 from filelock import FileLock, Timeout
 
-from fedmoe_pl import rank_watch
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
-from fedmoe_pl.batched import BatchedExecutor
-from fedmoe_pl.clients import ClientPool, DiskClients, MemoryClients, damaged_files
+from fedmoe_pl.analysis.evaluation import Evaluator
+from fedmoe_pl.cluster.sweep import SweepRun
 from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
 from fedmoe_pl.errors import RunError
-from fedmoe_pl.evaluation import Evaluator
-from fedmoe_pl.executor import Executor, SequentialExecutor
-from fedmoe_pl.federation import Federation, FederationConfig
-from fedmoe_pl.in_process import InProcessFleet
-from fedmoe_pl.rundir import CONFIG, PARTITION, PREVIOUS_CHECKPOINT, SUMMARY, RunDirectory
-from fedmoe_pl.signals import AGENT_STOPS, StopSignals
-from fedmoe_pl.sinks import Checkpoint, LightningLoggers, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
-from fedmoe_pl.sweep import SweepRun
-from fedmoe_pl.tracking import WandbConfig, WandbTracker
-from fedmoe_pl.trainer_settings import FEDERATION_OWNED, batched_refusals, check_batched, lightning_kwargs
+from fedmoe_pl.fleets import rank_watch
+from fedmoe_pl.fleets.batched import BatchedExecutor
+from fedmoe_pl.fleets.clients import ClientPool, DiskClients, MemoryClients, damaged_files
+from fedmoe_pl.fleets.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
+from fedmoe_pl.fleets.executor import Executor, SequentialExecutor
+from fedmoe_pl.fleets.in_process import InProcessFleet
+from fedmoe_pl.run.federation import Federation, FederationConfig
+from fedmoe_pl.run.rundir import CONFIG, PARTITION, PREVIOUS_CHECKPOINT, SUMMARY, RunDirectory
+from fedmoe_pl.run.signals import AGENT_STOPS, StopSignals
+from fedmoe_pl.run.sinks import Checkpoint, LightningLoggers, MetricsFile, Plots, ProgressBar, Sink, SummaryFile, Wandb
+from fedmoe_pl.run.tracking import WandbConfig, WandbTracker
+from fedmoe_pl.run.trainer_settings import FEDERATION_OWNED, batched_refusals, check_batched, lightning_kwargs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,7 +113,7 @@ def fit(exp: Experiment, resume: str | None = None, build: BuildFederation | Non
 
     Everything that can refuse the command is checked before the run directory is touched.
     Launched as several processes (``torchrun``, ``srun -n K``), the ranks share every round's
-    training (:mod:`fedmoe_pl.distributed`) and only rank 0 writes. ``build`` replaces
+    training (:mod:`fedmoe_pl.fleets.distributed`) and only rank 0 writes. ``build`` replaces
     :func:`build_federation` (the Flower ServerApp's federation trains its clients elsewhere).
     """
     group = ProcessGroup.from_env()

@@ -1,9 +1,9 @@
 """The fleet of a ``fedmoe-pl fit`` run: its clients in this process (or shared out over ranks).
 
 Where the clients are kept between rounds is the pool's business (all in memory, or on disk until
-sampled: :mod:`fedmoe_pl.clients`); how a cohort trains is the executor's (one Trainer each, stacked
-on a GPU, or each rank its share: :mod:`fedmoe_pl.executor`, :mod:`fedmoe_pl.batched`,
-:mod:`fedmoe_pl.distributed`); scoring is the evaluator's (:mod:`fedmoe_pl.evaluation`).
+sampled: :mod:`fedmoe_pl.fleets.clients`); how a cohort trains is the executor's (one Trainer each, stacked
+on a GPU, or each rank its share: :mod:`fedmoe_pl.fleets.executor`, :mod:`fedmoe_pl.fleets.batched`,
+:mod:`fedmoe_pl.fleets.distributed`); scoring is the evaluator's (:mod:`fedmoe_pl.analysis.evaluation`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import torch
 
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import Algorithm, ClientConfig, ClientContext, FederatedClient, Instruction
-from fedmoe_pl.clients import ClientPool, MemoryClients, ReadOnlyClients
+from fedmoe_pl.analysis.evaluation import Evaluator
+from fedmoe_pl.analysis.flops import training_flops_per_sample
 from fedmoe_pl.data import FederatedDataModule
-from fedmoe_pl.evaluation import Evaluator
-from fedmoe_pl.executor import Executor, FitJob, SequentialExecutor
-from fedmoe_pl.fleet import Cohort, FitOutcome
-from fedmoe_pl.flops import training_flops_per_sample
+from fedmoe_pl.fleets.clients import ClientPool, MemoryClients, ReadOnlyClients
+from fedmoe_pl.fleets.executor import Executor, FitJob, SequentialExecutor
+from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
 from fedmoe_pl.models import model_name
-from fedmoe_pl.schedule import client_seed
+from fedmoe_pl.run.schedule import client_seed
 
 log = logging.getLogger(__name__)
 

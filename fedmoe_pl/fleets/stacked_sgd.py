@@ -1,6 +1,6 @@
 """Momentum SGD, clipping included, over clients whose parameters are stacked along a leading axis.
 
-What the batched executor (:mod:`fedmoe_pl.batched`) steps its stacked clients with: each update is
+What the batched executor (:mod:`fedmoe_pl.fleets.batched`) steps its stacked clients with: each update is
 elementwise, so a stacked tensor gets exactly the update each client's own ``torch.optim.SGD``
 would give it, and clipping by norm uses each client's own total norm.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fedmoe_pl.data.transforms import to_device
-from fedmoe_pl.trainer_settings import StepRules
+from fedmoe_pl.run.trainer_settings import StepRules
 
 
 class StackedSGD:

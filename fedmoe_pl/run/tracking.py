@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from fedmoe_pl.rundir import HISTOGRAMS, PER_CLIENT, PER_CLIENT_CLASS
-from fedmoe_pl.sweep import SweepRun
+from fedmoe_pl.cluster.sweep import SweepRun
+from fedmoe_pl.run.rundir import HISTOGRAMS, PER_CLIENT, PER_CLIENT_CLASS
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
            -> Algorithm.aggregate(round, results) -> Fleet.evaluate -> Fleet.end_round -> sinks
 
 The loop knows no method (see :class:`~fedmoe_pl.algorithms.Algorithm`), no place where clients
-live or train (see :class:`~fedmoe_pl.fleet.Fleet`) and no file (see :mod:`fedmoe_pl.sinks`).
+live or train (see :class:`~fedmoe_pl.fleets.fleet.Fleet`) and no file (see :mod:`fedmoe_pl.run.sinks`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 from fedmoe_pl.aggregation import payload_bytes, payload_numel
 from fedmoe_pl.algorithms import Algorithm, ClientResult
 from fedmoe_pl.errors import ClientFailure, ClientUnreachable, Interrupted, NobodyReported
-from fedmoe_pl.fleet import Cohort, Fleet
-from fedmoe_pl.rundir import CHECKPOINT_FORMAT, PER_CLIENT, sectioned
-from fedmoe_pl.schedule import FederationConfig, clients_per_round, dropped_clients, fit_seed, sample_clients
-from fedmoe_pl.signals import StopSignals
-from fedmoe_pl.sinks import Sink
+from fedmoe_pl.fleets.fleet import Cohort, Fleet
+from fedmoe_pl.run.rundir import CHECKPOINT_FORMAT, PER_CLIENT, sectioned
+from fedmoe_pl.run.schedule import FederationConfig, clients_per_round, dropped_clients, fit_seed, sample_clients
+from fedmoe_pl.run.signals import StopSignals
+from fedmoe_pl.run.sinks import Sink
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Federation:
     Args:
         cfg: rounds, participation, local epochs, evaluation, failure policy.
         algorithm: the method: its clients' rules and its server.
-        fleet: where the clients are and how they are reached (:class:`~fedmoe_pl.fleet.Fleet`).
+        fleet: where the clients are and how they are reached (:class:`~fedmoe_pl.fleets.fleet.Fleet`).
         seed: the run's seed; every random stream derives from it.
         sinks: receive the run's events (metrics file, checkpoint, W&B, progress, summary).
     """
