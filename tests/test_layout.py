@@ -27,6 +27,7 @@ def test_every_old_module_name_imports_the_moved_module_itself() -> None:
         assert module.__name__ == new and module.__spec__.name == new
         assert (PACKAGE.parent / (new.replace(".", "/") + ".py")).exists()
     from fedmoe_pl.executor import SequentialExecutor
+
     from fedmoe_pl.fleets.executor import SequentialExecutor as Moved
 
     assert SequentialExecutor is Moved

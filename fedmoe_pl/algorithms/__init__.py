@@ -2,6 +2,8 @@
 
 from fedmoe_pl.algorithms.base import Algorithm, ClientResult, Instruction
 from fedmoe_pl.algorithms.client import DEFAULT_ZOO, ClientConfig, ClientContext, FederatedClient, state_payload
+from fedmoe_pl.algorithms.fedper import FedPer
+from fedmoe_pl.algorithms.fedrep import FedRep
 from fedmoe_pl.algorithms.model_client import ClassStats, ModelClient, StatsClient
 from fedmoe_pl.algorithms.mutual import FML, FedAPEN, FedKD, MutualAlgorithm, MutualClient, svd_compress, svd_restore
 from fedmoe_pl.algorithms.pfedmoe import PFedMoE, PFedMoEClient
@@ -21,7 +23,9 @@ __all__ = [
     "FedAvg",
     "FedGH",
     "FedKD",
+    "FedPer",
     "FedProto",
+    "FedRep",
     "FederatedClient",
     "Instruction",
     "LGFedAvg",

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
 from fedmoe_pl.algorithms.client import ClientConfig, ClientContext, FederatedClient
-from fedmoe_pl.run.schedule import SERVER_STREAM
+from fedmoe_pl.run.schedule import SERVER_STREAM, FederationConfig
 
 
 @dataclass
@@ -78,6 +78,9 @@ class Algorithm(ABC):
 
     def check(self, clients: ClientConfig) -> None:  # noqa: B027 (optional hook)
         """Refuse settings the method cannot run in, before any data is loaded."""
+
+    def check_federation(self, federation: FederationConfig) -> None:  # noqa: B027 (optional hook)
+        """Refuse round settings (local epochs, ...) the method cannot run with, before any data is loaded."""
 
     @abstractmethod
     def build_client(self, ctx: ClientContext) -> FederatedClient:
