@@ -26,7 +26,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
-from types import ModuleType
+from types import CodeType, ModuleType
 
 __version__ = "0.1.0"
 
@@ -57,6 +57,12 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         module.__spec__ = self.specs[module.__name__]  # the import system gave it the old name's spec meanwhile
+
+    def get_code(self, name: str) -> CodeType | None:
+        """The moved module's code: ``python -m fedmoe_pl.slurm`` (an older grid's job script) still runs."""
+        spec = importlib.util.find_spec(MOVED[name])
+        loader = None if spec is None else spec.loader
+        return loader.get_code(MOVED[name]) if isinstance(loader, importlib.abc.InspectLoader) else None
 
 
 sys.meta_path.append(_OldNames())

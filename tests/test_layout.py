@@ -41,3 +41,9 @@ def test_old_names_import_in_a_fresh_interpreter_before_the_new_ones() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "fedmoe_pl.run.rundir"
+
+
+def test_an_old_module_name_still_runs_with_python_m() -> None:
+    """A grid's job script written before the move runs ``python -m fedmoe_pl.slurm``."""
+    done = subprocess.run([sys.executable, "-m", "fedmoe_pl.slurm"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "usage: python -m fedmoe_pl.cluster.slurm" in done.stderr
