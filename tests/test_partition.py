@@ -118,3 +118,51 @@ def test_a_shard_is_cut_only_when_first_used_and_counts_need_none() -> None:
         "train"
     ]
     assert len(dm.clients) == 6 and [s.num_train for s in dm.clients] == [n for n, _ in sizes]
+
+
+def test_a_range_of_class_counts_draws_each_client_s_count_from_the_seed() -> None:
+    partitioner = Pathological([2, 5])
+    dm = make(partitioner, num_clients=12, num_classes=8, train_per_class=60, test_per_class=30)
+    train, test = labels_of(dm), labels_of(dm, "test")
+    assert train == test  # the paper's test split: the same classes in train and test
+    ks = [len(s) for s in train]
+    assert all(2 <= k <= 5 for k in ks) and len(set(ks)) > 1  # drawn, not all alike
+    # The documented rule with the drawn counts: client i takes the next k_i classes after client i - 1's.
+    offset = 0
+    for held, k in zip(train, ks):
+        assert held == {(offset + j) % 8 for j in range(k)}
+        offset += k
+    assert [row["num_classes"] for row in dm.report()["clients"]] == ks  # partition.json says it
+    again, other = (
+        make(Pathological([2, 5]), 12, seed=0, num_classes=8),
+        make(Pathological([2, 5]), 12, seed=1, num_classes=8),
+    )
+    assert [len(s) for s in labels_of(again)] == ks and [len(s) for s in labels_of(other)] != ks
+
+
+def test_one_class_count_per_client_is_taken_as_given() -> None:
+    dm = make(Pathological([1, 3, 2, 4]), num_clients=4, num_classes=6)
+    assert labels_of(dm) == [{0}, {1, 2, 3}, {4, 5}, {0, 1, 2, 3}]
+    assert labels_of(dm) == labels_of(dm, "test")
+
+
+def test_one_count_for_all_clients_keeps_its_partition() -> None:
+    """The int form draws nothing more than before: its partitions are the ones already pinned."""
+    a = make(Pathological(2), num_clients=10)
+    b = make(Pathological([2, 2, 2, 2, 2, 2, 2, 2, 2, 2]), num_clients=10)
+    assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("given", "clients", "message"),
+    [
+        ([2, 11], 10, r"classes_per_client=\[2, 11\] but the data has 10 classes"),
+        ([5, 2], 10, r"low above high"),
+        ([0, 3], 10, r"between 1 and 10"),
+        ([1, 2, 3], 4, r"lists 3 counts for 4 clients"),
+        ([2, 2, 12], 3, r"classes_per_client=\[2, 2, 12\] but the data has 10 classes"),
+    ],
+)
+def test_class_counts_that_cannot_work_are_refused(given, clients, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(Pathological(given), num_clients=clients)

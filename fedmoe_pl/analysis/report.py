@@ -26,11 +26,11 @@ def label_matrix(report: dict[str, Any], part: str = "train") -> np.ndarray:
 def format_table(report: dict[str, Any]) -> str:
     train, test = label_matrix(report, "train"), label_matrix(report, "test")
     k = report["num_classes"]
-    head = f"{'client':>6} | " + " ".join(f"{c:>5}" for c in range(k)) + " | train  test"
+    head = f"{'client':>6} | " + " ".join(f"{c:>5}" for c in range(k)) + " | train  test classes"
     lines = [f"partition {report['fingerprint']}", head, "-" * len(head)]
     for i in range(len(train)):
         cells = " ".join(f"{n:>5}" for n in train[i])
-        lines.append(f"{i:>6} | {cells} | {train[i].sum():>5} {test[i].sum():>5}")
+        lines.append(f"{i:>6} | {cells} | {train[i].sum():>5} {test[i].sum():>5} {(train[i] > 0).sum():>7}")
     lines.append(
         f"{'total':>6} | " + " ".join(f"{n:>5}" for n in train.sum(0)) + f" | {train.sum():>5} {test.sum():>5}"
     )
@@ -56,9 +56,10 @@ def save_heatmap(report: dict[str, Any], path: Path) -> None:
                 ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color="w" if n < 0.6 * top else "k")
     ax.set_xticks(range(k), names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
     step = max(1, counts.shape[0] // 25)
-    ax.set_yticks(range(0, counts.shape[0], step))
+    held = (counts > 0).sum(1)
+    ax.set_yticks(range(0, counts.shape[0], step), [f"{i} ({held[i]})" for i in range(0, counts.shape[0], step)])
     ax.set_xlabel("class")
-    ax.set_ylabel("client")
+    ax.set_ylabel("client (classes it holds)")
     ax.set_title(f"Training samples per client and class (partition {report['fingerprint']})")
     fig.colorbar(image, ax=ax, label="training samples")
     fig.tight_layout()

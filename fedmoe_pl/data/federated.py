@@ -173,13 +173,15 @@ class FederatedDataModule:
         return h.hexdigest()[:16]
 
     def label_counts(self) -> list[dict[str, Any]]:
-        """Per-client label counts, labels as strings (the ``partition.json`` layout)."""
+        """Per-client label counts, labels as strings, and how many classes each client trains on (the
+        ``partition.json`` layout)."""
 
         def table(labels: np.ndarray) -> dict[str, int]:
             counts = np.bincount(labels, minlength=self.num_classes).tolist()
             return {str(c): n for c, n in enumerate(counts) if n}
 
-        return [{"id": i, "train": table(tr), "test": table(te)} for i, (tr, te) in enumerate(self._labels)]
+        rows = [{"id": i, "train": table(tr), "test": table(te)} for i, (tr, te) in enumerate(self._labels)]
+        return [{**row, "num_classes": len(row["train"])} for row in rows]  # the classes each client holds
 
     def sizes(self, cid: int) -> tuple[int, int]:
         """Client ``cid``'s training and test samples (its shard is not cut to count them)."""

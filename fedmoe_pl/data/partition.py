@@ -52,41 +52,72 @@ class IID(Partitioner):
 
 
 class Pathological(Partitioner):
-    """Each client holds exactly ``classes_per_client`` classes.
+    """Each client holds a fixed number of classes: the same for all, or its own.
 
-    Assignment rule: client i holds classes ``(i * k + j) mod C`` for ``j < k``, so consecutive
-    clients take consecutive blocks of classes and, when ``N * k`` is a multiple of ``C``, every
-    class has the same number of holders. A class's samples are then split among its holders,
-    equally (``balanced``) or in shares drawn uniformly from the simplex.
+    Assignment rule: client i holds the ``k_i`` classes ``(o_i + j) mod C`` for ``j < k_i``, where
+    ``o_i = k_0 + ... + k_{i-1}``: consecutive clients take consecutive blocks of classes and, with one
+    count ``k`` and ``N * k`` a multiple of ``C``, every class has the same number of holders. A
+    class's samples are then split among its holders, equally (``balanced``) or in shares drawn
+    uniformly from the simplex.
 
     Args:
-        classes_per_client: k, the number of classes each client holds.
+        classes_per_client: the classes each client holds: one count ``k`` for every client; two
+            counts ``[low, high]``, each client's drawn uniformly from ``low`` to ``high`` (both
+            included) from the run's seed; or one count per client (a list of ``num_clients``
+            counts, when that is not 2: a list of two is always the range).
         balanced: equal shares of a class for its holders, else random shares.
     """
 
-    def __init__(self, classes_per_client: int = 2, balanced: bool = True) -> None:
+    def __init__(self, classes_per_client: int | list[int] = 2, balanced: bool = True) -> None:
         self.classes_per_client = classes_per_client
         self.balanced = balanced
 
+    @property
+    def drawn(self) -> bool:
+        """Whether each client's count is drawn from a range."""
+        return isinstance(self.classes_per_client, list | tuple) and len(self.classes_per_client) == 2
+
     def check(self, num_classes: int, num_clients: int) -> None:
         super().check(num_classes, num_clients)
-        k = self.classes_per_client
-        if not 1 <= k <= num_classes:
+        given = self.classes_per_client
+        counts = list(given) if isinstance(given, list | tuple) else [given]
+        if isinstance(given, list | tuple) and not self.drawn and len(counts) != num_clients:
             raise ValueError(
-                f"classes_per_client={k} but the data has {num_classes} classes; choose a value "
-                f"between 1 and {num_classes}"
+                f"classes_per_client lists {len(counts)} counts for {num_clients} clients; give one count, "
+                f"[low, high] (each client's drawn from that range), or one count per client ({num_clients})"
             )
+        if self.drawn and counts[0] > counts[1]:
+            raise ValueError(f"classes_per_client={counts} is a range [low, high] with low above high; swap them")
+        for k in counts:
+            if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= num_classes:
+                raise ValueError(
+                    f"classes_per_client={given} but the data has {num_classes} classes; every count must be "
+                    f"between 1 and {num_classes}"
+                )
 
-    def holdings(self, num_classes: int, num_clients: int) -> np.ndarray:
+    def client_counts(self, num_clients: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Each client's number of classes (a range is drawn from ``rng``, the partition's stream)."""
+        given = self.classes_per_client
+        if not isinstance(given, list | tuple):
+            return np.full(num_clients, int(given), dtype=np.int64)
+        if not self.drawn:
+            return np.asarray(given, dtype=np.int64)
+        if rng is None:
+            raise ValueError("a range of classes_per_client is drawn from the partition's random stream")
+        low, high = int(given[0]), int(given[1])
+        return rng.integers(low, high + 1, size=num_clients).astype(np.int64)
+
+    def holdings(self, num_classes: int, num_clients: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """Boolean (clients, classes) matrix of which client holds which class."""
-        k = self.classes_per_client
+        ks = self.client_counts(num_clients, rng)
+        offsets = np.concatenate([[0], np.cumsum(ks)[:-1]])
         held = np.zeros((num_clients, num_classes), dtype=bool)
-        for i in range(num_clients):
-            held[i, (i * k + np.arange(k)) % num_classes] = True
+        for i, (k, offset) in enumerate(zip(ks, offsets)):
+            held[i, (offset + np.arange(k)) % num_classes] = True
         return held
 
     def counts(self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
-        held = self.holdings(len(class_counts), num_clients)
+        held = self.holdings(len(class_counts), num_clients, rng)
         out = np.zeros(held.shape, dtype=np.int64)
         for c, n in enumerate(class_counts):
             shares = held[:, c].astype(float)
