@@ -95,6 +95,7 @@ def _grid_file(tmp_path: Path, body: dict) -> Path:
         ({"axes": {}, "seeds": [1, 1]}, "without repeats"),
         ({"axes": {}, "slurm": {"gpu": 1}}, "slurm section"),
         ({"axis": {}}, "unknown keys ['axis']"),
+        ({"axes": {"n": {"x": {"algorithm init": 1}}}}, "sets 'algorithm init'; a setting is a dotted key"),
     ],
 )
 def test_a_bad_grid_file_is_refused_naming_what_is_wrong(tmp_path: Path, capsys, body, message) -> None:
@@ -300,3 +301,26 @@ def test_a_grid_cell_whose_overlay_does_not_parse_is_refused_in_one_line(tmp_pat
     assert done.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad-seed0" in err and "fast" in err
+
+
+def test_an_axis_of_settings_passes_them_after_the_grid_args_and_the_gate_ablation_covers_its_grid() -> None:
+    grid = Grid.load(ROOT / "configs" / "grids" / "gate_ablation.yaml")
+    cells = grid.cells()
+    assert len(cells) == 2 * 4 * 3 * 3
+    parser = subcommand_parser(build_parser(), "fit")
+    seen = set()
+    for cell in cells:
+        if cell.seed != 0:
+            continue
+        cfg = parser.parse_args(cell.fit_args(resume=False))
+        norm, hidden = cell.axes["norm"], int(cell.axes["hidden"].removeprefix("h"))
+        assert cfg.algorithm.init_args.gate_norm == norm and cfg.algorithm.init_args.gate_hidden == hidden
+        assert cfg.federation.rounds == 10
+        assert cell.args[0] == "--federation.rounds=10" and cell.args[1].startswith("--algorithm.init_args.gate_norm=")
+        seen.add((cell.axes["data"], norm, hidden))
+    assert seen == {
+        (d, n, h)
+        for d in ("quickstart", "cifar10_sample")
+        for n in ("switch", "batch", "layer", "none")
+        for h in (16, 64, 256)
+    }

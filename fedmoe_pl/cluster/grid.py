@@ -1,7 +1,7 @@
 """A grid of experiments from one small YAML: axes of config overlays, times seeds.
 
-A grid file names a base config, the axes (each value one or more overlays), the seeds, extra
-arguments for every run, and where the runs go::
+A grid file names a base config, the axes (each value one or more overlays, or settings), the
+seeds, extra arguments for every run, and where the runs go::
 
     name: paper
     base: [../paper/base.yaml]
@@ -13,7 +13,9 @@ arguments for every run, and where the runs go::
     output: runs/paper
     slurm: {partition: gpu, time: "1-00:00:00", gpus: 1, throttle: 16}
 
-Overlay paths are relative to the grid file; ``output`` is relative to the working directory.
+A value may instead be settings of ``fedmoe-pl fit`` (``norm: {layer: {algorithm.init_args.gate_norm:
+layer}}``), passed as ``--key=value`` after the grid's ``args``. Overlay paths are relative to the
+grid file; ``output`` is relative to the working directory.
 Every combination of one value per axis and one seed is a cell, run as ``fedmoe-pl fit`` with the
 base and the cell's overlays in order, into ``output/<value>-<value>-...-seed<k>``.
 """
@@ -159,15 +161,18 @@ class Grid:
         return cls(name, base, axes, seeds, args, output, slurm, source=str(path))
 
     def cells(self) -> list[Cell]:
-        """Every combination of one value per axis and one seed, in a stable order."""
+        """Every combination of one value per axis and one seed, in a stable order. A value's overlays
+        follow the base's; its settings (``--key=value``) follow the grid's ``args``."""
         names = list(self.axes)
         out = []
         for values in product(*(self.axes[a].items() for a in names)):
+            items = [item for _, entries in values for item in entries]
+            settings = [item for item in items if item.startswith("--")]
+            configs = [*self.base, *(item for item in items if not item.startswith("--"))]
             for seed in self.seeds:
                 label = "-".join([*(v for v, _ in values), f"seed{seed}"])
-                configs = [*self.base, *(c for _, files in values for c in files)]
                 axes = {a: v for a, (v, _) in zip(names, values)}
-                out.append(Cell(label, axes, seed, configs, list(self.args), str(Path(self.output) / label)))
+                out.append(Cell(label, axes, seed, configs, [*self.args, *settings], str(Path(self.output) / label)))
         return out
 
 
@@ -190,10 +195,16 @@ def _axis_values(here: Path, axis: str, spec: Any, grid: Path) -> dict[str, list
             raise FileNotFoundError(f"grid file {str(grid)!r}: axis {axis!r} glob {spec!r} matches no file")
         values = {f.stem: [str(f)] for f in files}
     elif isinstance(spec, dict) and spec:
-        values = {str(v): [_config_path(here, c, grid) for c in _as_list(files)] for v, files in spec.items()}
+        values = {
+            str(v): _settings(axis, str(v), entry, grid)
+            if isinstance(entry, dict)
+            else [_config_path(here, c, grid) for c in _as_list(entry)]
+            for v, entry in spec.items()
+        }
     else:
         raise ValueError(
-            f"grid file {str(grid)!r}: axis {axis!r} must map values to overlay files or be a glob, got {spec!r}"
+            f"grid file {str(grid)!r}: axis {axis!r} must map values to overlay files or settings, or be a glob, "
+            f"got {spec!r}"
         )
     for value in values:
         if not _VALUE.match(value):
@@ -202,6 +213,19 @@ def _axis_values(here: Path, axis: str, spec: Any, grid: Path) -> dict[str, list
                 " (it becomes part of a directory name)"
             )
     return values
+
+
+def _settings(axis: str, value: str, entry: dict[Any, Any], grid: Path) -> list[str]:
+    """An axis value given as settings (``{algorithm.init_args.gate_norm: layer}``), as ``--key=value``."""
+    out = []
+    for key, setting in entry.items():
+        if not isinstance(key, str) or not _VALUE.match(key):
+            raise ValueError(
+                f"grid file {str(grid)!r}: axis {axis!r} value {value!r} sets {key!r}; a setting is a dotted key "
+                "of fedmoe-pl fit, e.g. algorithm.init_args.gate_norm"
+            )
+        out.append(f"--{key}={setting if isinstance(setting, str) else json.dumps(setting)}")
+    return out
 
 
 # Keys of a cell's resolved config that name the cell rather than change its results.
