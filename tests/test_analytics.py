@@ -106,7 +106,8 @@ def test_plot_draws_the_pictures_of_a_two_round_run(tmp_path: Path, capsys) -> N
     confusion = torch.tensor(summary["confusion"])
     tests = sum(c["test_samples"] for c in summary["clients"])
     assert confusion.sum() == tests and confusion.trace() / tests == pytest.approx(summary["final_weighted_acc"])
-    expected = {"accuracy", "client_accuracy", "communication", "gate_by_class", "gate_histograms"}
+    assert all(0 < r["per_client"]["gate_switch_mean_batch"]["0"] < 1 for r in rows)  # the Switchable-Norm mix
+    expected = {"accuracy", "client_accuracy", "communication", "gate_by_class", "gate_histograms", "switch_norm"}
     assert {p.stem for p in run.glob("*.png")} == expected  # drawn at the end of the run
     for picture in run.glob("*.png"):
         picture.unlink()
@@ -149,3 +150,24 @@ def test_gate_analytics_reach_wandb_as_tables_and_histograms_at_step_round(tmp_p
         assert [(r[0], r[2]) for r in rows] == [(c, k) for c in range(3) for k in (2 * c, 2 * c + 1)]
         assert all(0 <= r[3] <= 1 and 0 <= r[5] <= r[6] <= r[7] <= 1 for r in rows)
         assert set(histograms["gate_global"]) == {"0", "1", "2"}
+
+
+def test_the_switchable_norm_mix_of_each_client_is_recorded_as_learned() -> None:
+    from fedmoe_pl.algorithms import ClientConfig, ClientContext, PFedMoE
+    from fedmoe_pl.analysis.evaluation import summarize
+
+    ctx = ClientContext(0, "cnn3", 1, 16, CLASSES, ClientConfig(zoo=["cnn3"]))
+    client = PFedMoE(gate_hidden=8).build_client(ctx)
+    norm = client.moe.gate.norm
+    with torch.no_grad():
+        norm.mean_logits.copy_(torch.tensor([0.0, 1.0]))  # batch weight e / (1 + e)
+        norm.var_logits.copy_(torch.tensor([2.0, 0.0]))  # batch weight 1 / (1 + e^2)
+    e = torch.e
+    assert client.diagnostics() == pytest.approx(
+        {"gate_switch_mean_batch": e / (1 + e), "gate_switch_var_batch": 1 / (1 + e**2)}
+    )
+    out = summarize(
+        {0: {"acc": 1.0, "class_acc": {}, "means": {}, "gate": {}, "n": 1, "model": client.diagnostics()}}, CLASSES
+    )
+    assert out["per_client"]["gate_switch_mean_batch"] == {"0": round(e / (1 + e), 4)}
+    assert PFedMoE(gate_hidden=8, gate_norm="layer").build_client(ctx).diagnostics() == {}  # no mix to learn

@@ -133,6 +133,11 @@ class FederatedClient(L.LightningModule):
         """
         return self(x), {}
 
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers of the client's model itself (not of its data) that each evaluation records per
+        client, such as a learned mixing weight; none by default."""
+        return {}
+
     def upload(self) -> Payload:
         """What this client sends to the server after local training: by default the state of its
         ``shared`` sub-module (an attribute or a property naming the part that crosses the wire), or

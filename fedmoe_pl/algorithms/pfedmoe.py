@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fedmoe_pl.algorithms.base import Algorithm, check_number
 from fedmoe_pl.algorithms.client import ClientContext, FederatedClient
-from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, check_model_spec, parts
+from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, SwitchNorm1d, check_model_spec, parts
 
 
 class PFedMoEClient(FederatedClient):
@@ -49,6 +49,15 @@ class PFedMoEClient(FederatedClient):
     def loss_after_common(self, common: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         weights, r_global = common
         return F.cross_entropy(self.moe.own_forward(weights, r_global, x), y)
+
+    def diagnostics(self) -> dict[str, float]:
+        """With the paper's Switchable-Norm gate: the learned weight on batch statistics (the rest is on
+        layer statistics) for the mean (``gate_switch_mean_batch``) and the variance (``gate_switch_var_batch``)."""
+        norm = self.moe.gate.norm
+        if not isinstance(norm, SwitchNorm1d):
+            return {}
+        weights = norm.mixing_weights()
+        return {"gate_switch_mean_batch": weights["mean"][1], "gate_switch_var_batch": weights["var"][1]}
 
     def predict_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, weights = self.moe(x)

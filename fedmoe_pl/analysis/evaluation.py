@@ -7,6 +7,9 @@ per-sample gate weights (an extra named ``gate_*``, as pFedMoE's weight on the g
 the weights are summarised per (client, class) — mean and quantiles — and as a histogram, with
 the spread within each client telling an input-dependent gate from a collapsed one.
 
+A client may also report numbers of its model itself (:meth:`FederatedClient.diagnostics`, such as
+pFedMoE's Switchable-Norm mixing weights), recorded per client under their own names.
+
 A round's fields (:func:`summarize`) put the averages at the top level and the rest in the record's
 sections (:mod:`fedmoe_pl.run.rundir`): ``client_acc`` and ``<gate>_spread`` per client,
 ``client_class_acc`` and ``<gate>_class_{mean,q10,q50,q90}`` per client and class, and ``<gate>``
@@ -94,7 +97,9 @@ class Evaluator:
         if shard.num_test == 0:
             return None
         preds, labels, extras = self.predict(client, shard)
-        out = {**score(preds, labels, extras, num_classes), "n": len(labels)}
+        diagnostics = getattr(client, "diagnostics", None)  # a scored module need not be a FederatedClient
+        model = diagnostics() if callable(diagnostics) else {}
+        out = {**score(preds, labels, extras, num_classes), "n": len(labels), "model": model}
         if confusion:
             out["confusion"] = multiclass_confusion_matrix(preds, labels, num_classes).cpu().tolist()
         return out
@@ -123,6 +128,10 @@ def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confus
         PER_CLIENT_CLASS: {"client_class_acc": {str(cid): per_client[cid]["class_acc"] for cid in ids}},
         HISTOGRAMS: {},
     }
+    for key in sorted({k for cid in ids for k in per_client[cid].get("model", {})}):
+        sections[PER_CLIENT][key] = {
+            str(c): _r(per_client[c]["model"][key]) for c in ids if key in per_client[c]["model"]
+        }
     for key in sorted({k for cid in ids for k in per_client[cid]["means"]}):
         means = {str(c): per_client[c]["means"][key] for c in ids if key in per_client[c]["means"]}
         sections[PER_CLIENT][f"client_{key}"] = means

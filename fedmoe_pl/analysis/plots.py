@@ -7,7 +7,9 @@ Written at the end of every run and by ``fedmoe-pl plot RUN_DIR`` (also for an i
 - ``communication.png``: bytes up and down per round;
 - for a method with a gate (pFedMoE): ``gate_by_class.png``, the client-by-class mean gate weight
   on the global expert in the last evaluated round, and ``gate_histograms.png``, the
-  distribution of per-sample gate weights of a few clients over the rounds.
+  distribution of per-sample gate weights of a few clients over the rounds;
+- with the paper's Switchable-Norm gate: ``switch_norm.png``, each client's learned weight on batch
+  (against layer) statistics at the gate's input, for the mean and the variance, by round.
 """
 
 from __future__ import annotations
@@ -191,6 +193,30 @@ def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], ga
     return out / "gate_histograms.png"
 
 
+SWITCH = ("gate_switch_mean_batch", "gate_switch_var_batch")  # pFedMoE's Switchable-Norm weights on batch statistics
+
+
+def plot_switch_norm(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> Path:
+    """Each client's learned weight on batch statistics (against layer statistics) at the gate's input,
+    for the mean and for the variance, by round."""
+    plt = _pyplot()
+    evaluated = [r for r in rows if SWITCH[0] in r.get(PER_CLIENT, {})]
+    models = {c["id"]: c["model"] for c in summary.get("clients") or []}
+    ids = sorted({int(c) for r in evaluated for c in r[PER_CLIENT][SWITCH[0]]})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, what in zip(axes, SWITCH, ("mean", "variance")):
+        for cid in ids:
+            points = [(r["round"], r[PER_CLIENT][key][str(cid)]) for r in evaluated if str(cid) in r[PER_CLIENT][key]]
+            ax.plot(*zip(*points), marker=".", label=f"{cid} ({models.get(cid, '?')})")
+        ax.set(xlabel="round", title=f"Gate input: weight on batch statistics ({what})", ylim=(0, 1))
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        _whole_rounds(ax)
+    axes[0].set_ylabel("batch weight (1 - layer weight)")
+    if len(ids) <= 12:
+        axes[1].legend(title="client (model)", fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, out / "switch_norm.png")
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Draw every picture the run's files support into ``out`` (default: the run directory)."""
     run_dir = Path(run_dir)
@@ -204,6 +230,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     if any(r.get("mean_acc") is not None for r in rows):
         written += [plot_accuracy(rows, out), plot_client_accuracy(rows, summary, out)]
     gates = sorted({gate for r in rows for gate in r.get(HISTOGRAMS, {})})  # the gates' weights (evaluation.py)
+    if any(SWITCH[0] in r.get(PER_CLIENT, {}) for r in rows):
+        written.append(plot_switch_norm(rows, summary, out))
     for gate in gates:
         written += [
             plot_gate_by_class(rows, summary, gate, class_names(run_dir, rows, gate), out),

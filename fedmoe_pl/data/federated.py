@@ -180,8 +180,11 @@ class FederatedDataModule:
             counts = np.bincount(labels, minlength=self.num_classes).tolist()
             return {str(c): n for c, n in enumerate(counts) if n}
 
-        rows = [{"id": i, "train": table(tr), "test": table(te)} for i, (tr, te) in enumerate(self._labels)]
-        return [{**row, "num_classes": len(row["train"])} for row in rows]  # the classes each client holds
+        rows = []
+        for i, (tr, te) in enumerate(self._labels):
+            train = table(tr)
+            rows.append({"id": i, "train": train, "test": table(te), "num_classes": len(train)})  # classes it holds
+        return rows
 
     def sizes(self, cid: int) -> tuple[int, int]:
         """Client ``cid``'s training and test samples (its shard is not cut to count them)."""

@@ -30,6 +30,12 @@ class SwitchNorm1d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
+    def mixing_weights(self) -> dict[str, tuple[float, float]]:
+        """The learned (layer, batch) weights of the mean and of the variance, each summing to 1."""
+        with torch.no_grad():
+            mean, var = self.mean_logits.softmax(0).tolist(), self.var_logits.softmax(0).tolist()
+        return {"mean": (mean[0], mean[1]), "var": (var[0], var[1])}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             raise ValueError(f"SwitchNorm1d expects (batch, features) input, got shape {tuple(x.shape)}")
