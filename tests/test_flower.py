@@ -351,3 +351,32 @@ def test_a_resident_worker_serves_a_node_s_messages_as_the_node_s_own_process_wo
     assert not sock.exists() and not sock.with_suffix(".key").exists(), "the worker should end with its launcher"
     for leftover in [*sock.parent.glob(sock.stem + ".*"), *idle_sock.parent.glob(idle_sock.stem + ".*")]:
         leftover.unlink()
+
+
+def test_a_node_without_a_usable_worker_folder_serves_its_message_in_process(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmoe_pl.flower import client as node
+    from fedmoe_pl.flower import resident, site
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker))  # the workers' folder cannot be made under a file
+    context = Context(7, 5, {"partition-id": 0}, RecordDict(), {"fit-args": "--config x.yaml"})
+    with pytest.raises(resident.Unavailable):
+        resident.call("train", RecordDict(), context, 0, idle=60, launcher=os.getpid())
+
+    served = []
+    monkeypatch.setitem(site.HANDLERS, "train", lambda content, ctx: served.append(ctx) or RecordDict())
+    monkeypatch.setattr(resident, "wanted", lambda idle: True)  # as in a process Flower starts per message
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    try:
+        msg = Message(RecordDict({"fit": ConfigRecord({"seed": 1})}), dst_node_id=5, message_type="train", group_id="1")
+        node.train(msg, context)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+    assert served == [context]

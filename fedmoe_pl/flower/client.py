@@ -27,6 +27,8 @@ there: the node then has one fit more, and rolls its client back to the state be
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -39,6 +41,7 @@ FITS = "fedmoe.fits"  # how many fits the client has kept
 WORKER_IDLE = 600.0  # seconds a node's resident worker waits for a message, unless the run config says
 
 app = ClientApp()
+log = logging.getLogger(__name__)
 
 
 def partition_id(context: Context) -> int:
@@ -64,12 +67,13 @@ def serve(kind: str, msg: Message, context: Context) -> Message:
     """The reply to a ``train`` or ``evaluate`` message, from the node's worker or from this process."""
     cid, idle = partition_id(context), worker_idle(context)
     if resident.wanted(idle):
-        content = resident.call(kind, msg.content, context, cid, idle)
-    else:
-        from fedmoe_pl.flower.site import HANDLERS
+        try:
+            return Message(resident.call(kind, msg.content, context, cid, idle), reply_to=msg)
+        except resident.Unavailable as err:
+            log.warning("the node's resident worker is unavailable (%s); serving the message in this process", err)
+    from fedmoe_pl.flower.site import HANDLERS
 
-        content = HANDLERS[kind](msg.content, context)
-    return Message(content, reply_to=msg)
+    return Message(HANDLERS[kind](msg.content, context), reply_to=msg)
 
 
 @app.query()

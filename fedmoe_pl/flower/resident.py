@@ -44,6 +44,10 @@ START_TIMEOUT = 300.0  # seconds a ClientApp waits for a worker it started to li
 WATCH_EVERY = 0.5  # seconds between the worker's checks of its launcher and of its idle time
 
 
+class Unavailable(RuntimeError):
+    """No worker can serve this node here (its folder, or starting it, failed): serve in process."""
+
+
 def wanted(idle: float) -> bool:
     """Whether this process should hand its message to a resident worker: it serves one message and
     exits (Flower's deployment engine; the simulation engine keeps its processes), the platform has
@@ -74,16 +78,20 @@ def call(
     kind: str, content: RecordDict, context: Context, partition: int, idle: float, launcher: int | None = None
 ) -> RecordDict:
     """Serve one message through the node's worker (started if none is running); the node's
-    context takes the state the worker returns. An error in the worker is raised here.
+    context takes the state the worker returns. An error in the worker is raised here;
+    :class:`Unavailable` if no worker could take the message (nothing was served then).
 
     ``launcher``: the process whose end ends the worker (default: this process's parent, the
     node's SuperExec, which starts a ClientApp process per message)."""
     launcher = os.getppid() if launcher is None else launcher
-    sock = socket_path(context, partition, launcher)
-    conn = _connect(sock)
-    if conn is None:
-        with _locked(sock.with_suffix(".lock")):
-            conn = _connect(sock) or _start(sock, idle, launcher)
+    try:
+        sock = socket_path(context, partition, launcher)
+        conn = _connect(sock)
+        if conn is None:
+            with _locked(sock.with_suffix(".lock")):
+                conn = _connect(sock) or _start(sock, idle, launcher)
+    except (OSError, RuntimeError) as err:  # before the message reached a worker: nothing was served
+        raise Unavailable(str(err)) from err
     with conn:
         conn.send((kind, content, context))
         try:
