@@ -152,6 +152,16 @@ def _report_parser() -> ArgumentParser:
     parser.add_argument("run_dirs", type=str, nargs="+", help="run directories, or grid outputs holding them")
     parser.add_argument("--output", type=str, default="report", help="folder for report.md, report.csv and plots")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for the rounds-to-target column")
+    parser.add_argument(
+        "--link-mbps",
+        type=float,
+        nargs="*",
+        default=[],
+        help="client link rates (Mbit/s, up = down): add seconds per round and to the target over each",
+    )
+    parser.add_argument(
+        "--compute-flops", type=float, default=None, help="a client's training speed (FLOP/s) for those seconds"
+    )
     return parser
 
 
@@ -342,9 +352,10 @@ def _tool_command(command: str, cfg: Namespace) -> int:
             written = plot_run(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None)
             print("written: " + ", ".join(str(p) for p in written))
             return 0
-        from fedmoe_pl.analysis.results import write_report
+        from fedmoe_pl.analysis.results import Link, write_report
 
-        write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target)
+        links = [Link(rate, rate, cfg.compute_flops) for rate in cfg.link_mbps]
+        write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target, links)
         return 0
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)

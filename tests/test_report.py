@@ -129,3 +129,70 @@ def test_report_leaves_out_runs_that_did_not_complete_and_lists_them(tmp_path: P
     (row,) = _csv(tmp_path / "r" / "report.csv").values()
     assert row["seeds"] == "1"
     assert f"- {tmp_path / '2'} (interrupted, 1 rounds)" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _toy_run(folder: Path, seed: int, accs: list[float], up: int, down: int, fits: int, flops: float) -> None:
+    folder.mkdir(parents=True)
+    summary = {
+        "status": "completed",
+        "rounds": len(accs),
+        "final_mean_acc": accs[-1],
+        "best_mean_acc": max(accs),
+        "wall_s": 1.0,
+        "total_bytes_up": up,
+        "total_bytes_down": down,
+        "total_reported": fits,
+        "total_train_flops": flops,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "cell.json").write_text(json.dumps({"axes": {"data": "toy", "method": "m"}, "seed": seed}))
+    lines = [json.dumps({"round": i + 1, "mean_acc": a}) for i, a in enumerate(accs)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_seconds_over_a_link_are_the_hand_worked_ones(tmp_path: Path, capsys) -> None:
+    from fedmoe_pl.analysis.results import Link
+
+    # Per reported fit: 0.5 MB up (4 s at 1 Mbit/s), 1 MB down (8 s), 2 GFLOP (2 s at 1 GFLOP/s).
+    _toy_run(tmp_path / "runs" / "a", 0, [0.5, 0.95], up=2_000_000, down=4_000_000, fits=4, flops=8e9)
+    # Twice the bytes per fit, and the target first reached in round 3.
+    _toy_run(tmp_path / "runs" / "b", 1, [0.5, 0.8, 0.92], up=3_000_000, down=6_000_000, fits=3, flops=6e9)
+    assert (
+        Link(1, 1).seconds_per_round({"total_bytes_up": 2_000_000, "total_bytes_down": 4_000_000, "total_reported": 4})
+        == 12
+    )
+    assert Link(10, 2, compute_flops=1e9).seconds_per_round(
+        {"total_bytes_up": 2_000_000, "total_bytes_down": 4_000_000, "total_reported": 4, "total_train_flops": 8e9}
+    ) == pytest.approx(0.4 + 4 + 2)
+    main(
+        [
+            "report",
+            str(tmp_path / "runs"),
+            "--output",
+            str(tmp_path / "out"),
+            "--link-mbps",
+            "1",
+            "10",
+            "--compute-flops",
+            "1e9",
+            "--target",
+            "0.9",
+        ]
+    )
+    with open(tmp_path / "out" / "report.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    name = "1 Mbit/s, 1.00 GFLOP/s"
+    # a: 4 + 8 + 2 = 14 s a round, 2 rounds to 0.9; b: 8 + 16 + 2 = 26 s a round, 3 rounds.
+    assert float(row[f"s_per_round@{name}"]) == pytest.approx((14 + 26) / 2)
+    assert float(row[f"s_to_target@{name}"]) == pytest.approx((28 + 78) / 2)
+    assert float(row["s_per_round@10 Mbit/s, 1.00 GFLOP/s"]) == pytest.approx((0.4 + 0.8 + 2 + 0.8 + 1.6 + 2) / 2)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| toy | m | 20 | 53 |" in report
+
+
+def test_a_link_rate_that_cannot_be_is_refused(tmp_path: Path, capsys) -> None:
+    _toy_run(tmp_path / "runs" / "a", 0, [0.5], up=1, down=1, fits=1, flops=1.0)
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out"), "--link-mbps", "0"])
+    assert done.value.code == 2 and "up_mbps=0.0 must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

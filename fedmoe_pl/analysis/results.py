@@ -49,6 +49,49 @@ class Run:
         }
 
 
+@dataclass(frozen=True)
+class Link:
+    """A client's link and, optionally, its compute, for the cost of a round in seconds.
+
+    The model: in a round every participating client, on a link of its own (the server's is not the
+    bottleneck), downloads what the server sends it, trains, and uploads, one after the other; the
+    clients do this side by side, so the round takes one client's time. Its bytes are the run's
+    averages per reported fit (``total_bytes_down`` and ``total_bytes_up`` over ``total_reported``),
+    its compute the training FLOPs per fit over ``compute_flops`` (FLOP/s; none: transfers only).
+
+    Args:
+        up_mbps: upload rate, Mbit/s (10^6 bit/s).
+        down_mbps: download rate, Mbit/s.
+        compute_flops: training speed of a client, FLOP/s, or None to count transfers only.
+    """
+
+    up_mbps: float
+    down_mbps: float
+    compute_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("up_mbps", "down_mbps", "compute_flops"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"link {name}={value} must be a positive number")
+
+    @property
+    def name(self) -> str:
+        rate = f"{self.up_mbps:g}" if self.up_mbps == self.down_mbps else f"{self.up_mbps:g}/{self.down_mbps:g}"
+        return f"{rate} Mbit/s" + ("" if self.compute_flops is None else f", {human(self.compute_flops, 'FLOP/s')}")
+
+    def seconds_per_round(self, summary: dict[str, Any]) -> float:
+        """One round's seconds for a run (its ``summary.json``); NaN if no fit was reported."""
+        fits = summary.get("total_reported") or 0
+        if fits <= 0:
+            return math.nan
+        seconds = 8 * summary["total_bytes_up"] / fits / (self.up_mbps * 1e6)
+        seconds += 8 * summary["total_bytes_down"] / fits / (self.down_mbps * 1e6)
+        if self.compute_flops is not None:
+            seconds += summary.get("total_train_flops", math.nan) / fits / self.compute_flops
+        return float(seconds)
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
     """Run directories among ``paths`` and below them (a grid's output holds many)."""
     found: list[Path] = []
@@ -108,8 +151,9 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def summarise(runs: list[Run], target: float) -> list[dict[str, Any]]:
-    """One row per (setting, method): mean and std over seeds of every column."""
+def summarise(runs: list[Run], target: float, links: Sequence[Link] = ()) -> list[dict[str, Any]]:
+    """One row per (setting, method): mean and std over seeds of every column; per link, seconds per
+    round and to the target (over the seeds that reached it)."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.setting, run.method)].append(run)
@@ -126,6 +170,11 @@ def summarise(runs: list[Run], target: float) -> list[dict[str, Any]]:
             row["reached_target"] = f"{len(hits)}/{len(group)}"
             for key in ("bytes_up", "bytes_down", "flops"):
                 row[f"{key}_per_round"] = float(np.mean([r.per_round[key] for r in group]))
+            for link in links:
+                per_round = [link.seconds_per_round(r.summary) for r in group]
+                row[f"s_per_round@{link.name}"] = float(np.mean(per_round))
+                to_target = [t * n for t, n in zip(per_round, reached) if n is not None]
+                row[f"s_to_target@{link.name}"] = float(np.mean(to_target)) if to_target else math.nan
             rows.append(row)
     return rows
 
@@ -142,7 +191,13 @@ def human(value: float, unit: str) -> str:
     return f"{value:.0f} {unit}"
 
 
-def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run]) -> str:
+def _seconds(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run], links: Sequence[Link] = ()) -> str:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = method_order({r["method"] for r in rows})
     cell = {(r["setting"], r["method"]): r for r in rows}
@@ -178,6 +233,23 @@ def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run]) -> s
                 f"| {human(r['bytes_up_per_round'], 'B')} | {human(r['bytes_down_per_round'], 'B')} "
                 f"| {human(r['flops_per_round'], 'FLOP')} | {_pm(r['wall_s'], r['wall_s_std'], 1, 1)} |"
             )
+    if links:
+        out += [
+            "",
+            f"## Seconds per round and to {target:g}, over links (the model of `Link`; mean over seeds)",
+            "",
+            "| setting | method | " + " | ".join(f"{link.name}: s/round | to {target:g}" for link in links) + " |",
+            "|---|---|" + "---:|---:|" * len(links),
+        ]
+        for s in settings:
+            for m in methods:
+                if (s, m) in cell:
+                    r = cell[(s, m)]
+                    times = [
+                        f"{_seconds(r[f's_per_round@{k.name}'])} | {_seconds(r[f's_to_target@{k.name}'])}"
+                        for k in links
+                    ]
+                    out.append(f"| {s} | {m} | " + " | ".join(times) + " |")
     if skipped:
         out += ["", "Not counted (not completed):"]
         out += [f"- {r.path} ({r.summary.get('status')}, {r.summary.get('rounds')} rounds)" for r in skipped]
@@ -217,16 +289,19 @@ def plot_curves(runs: list[Run], output: Path) -> list[Path]:
     return written
 
 
-def write_report(paths: list[Path], output: Path, target: float = 0.9) -> list[dict[str, Any]]:
-    """Write ``report.md``, ``report.csv`` and one accuracy plot per setting; return the rows."""
+def write_report(
+    paths: list[Path], output: Path, target: float = 0.9, links: Sequence[Link] = ()
+) -> list[dict[str, Any]]:
+    """Write ``report.md``, ``report.csv`` and one accuracy plot per setting; return the rows.
+    ``links``: also the seconds per round and to the target over each (:class:`Link`)."""
     runs = [load_run(p) for p in find_runs(paths)]
     done = [r for r in runs if r.summary.get("status") == "completed"]
     skipped = [r for r in runs if r.summary.get("status") != "completed"]
     if not done:
         raise ValueError(f"none of the {len(runs)} runs found has completed; nothing to report")
-    rows = summarise(done, target)
+    rows = summarise(done, target, links)
     make_folder(output, "--output")
-    (output / "report.md").write_text(markdown(rows, target, skipped))
+    (output / "report.md").write_text(markdown(rows, target, skipped, links))
     with open(output / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
