@@ -132,7 +132,7 @@ def test_a_range_of_class_counts_draws_each_client_s_count_from_the_seed() -> No
     for held, k in zip(train, ks):
         assert held == {(offset + j) % 8 for j in range(k)}
         offset += k
-    assert [row["num_classes"] for row in dm.report()["clients"]] == ks  # partition.json says it
+    assert [len(row["train"]) for row in dm.report()["clients"]] == ks  # partition.json lists them
     again, other = (
         make(Pathological([2, 5]), 12, seed=0, num_classes=8),
         make(Pathological([2, 5]), 12, seed=1, num_classes=8),

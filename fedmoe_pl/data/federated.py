@@ -173,18 +173,14 @@ class FederatedDataModule:
         return h.hexdigest()[:16]
 
     def label_counts(self) -> list[dict[str, Any]]:
-        """Per-client label counts, labels as strings, and how many classes each client trains on (the
-        ``partition.json`` layout)."""
+        """Per-client label counts, labels as strings (the ``partition.json`` layout: a client's
+        ``train`` table lists exactly the classes it holds)."""
 
         def table(labels: np.ndarray) -> dict[str, int]:
             counts = np.bincount(labels, minlength=self.num_classes).tolist()
             return {str(c): n for c, n in enumerate(counts) if n}
 
-        rows = []
-        for i, (tr, te) in enumerate(self._labels):
-            train = table(tr)
-            rows.append({"id": i, "train": train, "test": table(te), "num_classes": len(train)})  # classes it holds
-        return rows
+        return [{"id": i, "train": table(tr), "test": table(te)} for i, (tr, te) in enumerate(self._labels)]
 
     def sizes(self, cid: int) -> tuple[int, int]:
         """Client ``cid``'s training and test samples (its shard is not cut to count them)."""
