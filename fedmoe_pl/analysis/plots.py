@@ -160,10 +160,12 @@ def plot_gate_by_class(
 
 def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], gate: str, out: Path) -> Path:
     plt = _pyplot()
-    evaluated = [r[HISTOGRAMS][gate] | {"round": r["round"]} for r in rows if r.get(HISTOGRAMS, {}).get(gate)]
-    ids = sorted(int(k) for k in evaluated[-1] if k != "round")[:HIST_CLIENTS]
+    evaluated = [(r["round"], r[HISTOGRAMS][gate]) for r in rows if r.get(HISTOGRAMS, {}).get(gate)]
+    rounds = [number for number, _ in evaluated]
+    last = evaluated[-1][1]
+    ids = sorted(int(k) for k in last)[:HIST_CLIENTS]
     models = {c["id"]: c["model"] for c in summary.get("clients") or []}
-    bins = len(evaluated[-1][str(ids[0])])
+    bins = len(last[str(ids[0])])
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(
@@ -171,9 +173,8 @@ def plot_gate_histograms(rows: list[dict[str, Any]], summary: dict[str, Any], ga
     )
     image = None
     for ax, cid in zip(axes[0], ids):
-        counts = np.array([r.get(str(cid), [0] * bins) for r in evaluated], dtype=float)
+        counts = np.array([hists.get(str(cid), [0] * bins) for _, hists in evaluated], dtype=float)
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        rounds = [r["round"] for r in evaluated]
         image = ax.imshow(
             share,
             aspect="auto",

@@ -187,6 +187,8 @@ def _alive(pid: int) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
+        except PermissionError:  # someone else's process: alive
+            return True
         return True
     return state != "Z"  # a zombie has exited; its parent has not read its status yet
 

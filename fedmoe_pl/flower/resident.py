@@ -39,6 +39,8 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 
+from fedmoe_pl.flower.local import _alive
+
 PER_MESSAGE_PROCESS = "flwr.supernode.runtime.run_clientapp"  # loaded in a ClientApp process that serves one message
 START_TIMEOUT = 300.0  # seconds a ClientApp waits for a worker it started to listen
 WATCH_EVERY = 0.5  # seconds between the worker's checks of its launcher and of its idle time
@@ -151,16 +153,6 @@ def _start(sock: Path, idle: float, launcher: int) -> Connection:
         time.sleep(0.1)
     worker.kill()
     raise RuntimeError(f"the node's resident worker did not listen within {START_TIMEOUT:.0f} s; its log is {log}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _picklable(error: BaseException) -> BaseException:
