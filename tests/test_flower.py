@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -128,27 +129,45 @@ def test_flower_deployment_gives_the_fit_run_and_stops_every_process(tmp_path: P
 
 
 @pytest.mark.slow
-def test_flower_client_killed_mid_round_leaves_the_others_to_finish(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, rounds=2)
+def test_flower_client_killed_mid_round_leaves_the_others_to_finish_and_rejoins_with_its_state(
+    tmp_path: Path,
+) -> None:
+    """Client 2's node dies while it trains round 2: the others finish the round without it. Started
+    again at once (a new node id), it is found before the round's evaluation and goes on from the state
+    its state-dir kept."""
+    config = tiny_config(tmp_path, rounds=3)
+    run_dir = tmp_path / "flower"
     with LocalDeployment(3, tmp_path / "flower-home", env=_env()) as deployment:
-        run = deployment.run(["--config", str(config), "--federation.run_dir", str(tmp_path / "flower")], timeout=300)
+        run = deployment.run(["--config", str(config), "--federation.run_dir", str(run_dir)], timeout=300)
         log = tmp_path / "flower-home" / "supernode-2.log"
-        deadline = time.monotonic() + 300
-        while "Receiving: train message" not in log.read_text():  # client 2 is training round 1
-            assert run.poll() is None and time.monotonic() < deadline, "client 2 never received its round-1 fit"
-            time.sleep(0.2)
+
+        def wait_for(done, what: str) -> None:
+            deadline = time.monotonic() + 300
+            while not done():
+                assert run.poll() is None and time.monotonic() < deadline, what
+                time.sleep(0.2)
+
+        def rounds() -> int:
+            return len(_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+
+        wait_for(lambda: rounds() == 1, "round 1 never ended")
+        wait_for(lambda: log.read_text().count("Receiving: train message") == 2, "client 2 never trained round 2")
         deployment.kill_node(2)
+        deployment.restart_node(2)  # the SuperLink notices the loss later (a missed heartbeat)
         _await(deployment, run, timeout=600)
         assert run.returncode == 0
     assert not deployment.processes()
 
-    records = _metrics(tmp_path / "flower")
-    assert [r["round"] for r in records] == [1, 2]
-    for record in records:
-        assert record["failed"] == [2] and record["unreachable"] == [2] and record["reported"] == 2
-        assert sorted(record["per_client"]["client_acc"]) == ["0", "1"]
-    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["total_failed"] == 2
+    records = _metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["failed"] for r in records] == [[], [2], []]
+    assert [r["unreachable"] for r in records] == [[], [], []], "found again for round 2's evaluation"
+    assert [r["reported"] for r in records] == [3, 2, 3]
+    assert [r["reset"] for r in records] == [[], [], []], "the restarted node should find its client's state"
+    assert all(sorted(r["per_client"]["client_acc"]) == ["0", "1", "2"] for r in records)
+    assert len(list((tmp_path / "flower-home" / "node-state").glob("run-*/client-2.pt"))) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_failed"] == 1
 
 
 class _Grid:
@@ -157,7 +176,8 @@ class _Grid:
     def __init__(self, nodes: dict[int, int]) -> None:
         self.nodes = nodes  # node id -> partition id
         self.silent: set[int] = set()
-        self.received: dict[int, list[list]] = {node: [] for node in nodes}
+        self.resets: set[int] = set()  # nodes that answer with a reset (they have no state for their client)
+        self.received: dict[int, list[list]] = defaultdict(list)
         self.replies: dict[str, object] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -175,7 +195,7 @@ class _Grid:
             if "instructions" in msg.content.config_records:
                 instructions, received = take_instructions(msg.content)
                 self.received[node].append([(i.payload, i.settings) for i in instructions])
-                report = {"bytes_received": received}
+                report = {"bytes_received": received, "reset": int(node in self.resets)}
             if node not in self.silent:
                 self.replies[mid] = Message(RecordDict({"report": MetricRecord(report)}), reply_to=msg)
             ids.append(mid)
@@ -284,6 +304,115 @@ def test_a_fit_the_server_gave_up_on_is_rolled_back_by_its_node(tmp_path: Path) 
             assert torch.equal(from_record(again.content.array_records[UPLOAD])[key], value)
         with pytest.raises(RuntimeError, match="kept 1 fits but the server accepted 3"):
             node.train(message("train", 3, fit=fit), context)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def test_a_restarted_node_finds_its_client_s_state_in_its_state_dir_or_reports_a_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``state-dir`` a node that starts again (an empty context) goes on from the state the last
+    message left, late-fit rollback included; without it, it starts the client from its initial
+    weights and says ``reset`` in its reply."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmoe_pl.flower import client as node
+    from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        config = tiny_config(tmp_path)
+        kept = tmp_path / "node state"
+
+        def context(state_dir: Path | None) -> Context:
+            node_config = {"partition-id": 1} | ({"state-dir": str(state_dir)} if state_dir else {})
+            return Context(4, 5, node_config, RecordDict(), {"fit-args": f"--config {config}"})
+
+        def message(kind: str, accepted: int) -> Message:
+            content = RecordDict({LINK: ConfigRecord({"fits": accepted})})
+            if kind == "train":
+                content["fit"] = ConfigRecord({"round": accepted + 1, "seed": 11, "epochs": 1})
+            else:
+                content["evaluate"] = ConfigRecord({"score": False, "confusion": False})
+            put_instructions(content, [])
+            return Message(content, dst_node_id=5, message_type=kind, group_id="1")
+
+        def state(ctx: Context) -> dict[str, torch.Tensor]:
+            return ctx.state.array_records[node.STATE].to_torch_state_dict()
+
+        def upload(reply: Message) -> dict[str, torch.Tensor]:
+            return from_record(reply.content.array_records[UPLOAD])
+
+        first_node = context(kept)
+        first = node.train(message("train", 0), first_node)
+        assert (kept / "run-4" / "client-1.pt").is_file()
+        after_first = state(first_node)
+        node.train(message("train", 1), first_node)  # a fit the server then gave up on
+
+        restarted = context(kept)
+        reply = node.evaluate(message("evaluate", 1), restarted)
+        assert int(reply.content.metric_records[REPORT]["reset"]) == 0
+        assert int(restarted.state.config_records[node.FITS]["fits"]) == 1
+        assert all(torch.equal(value, after_first[k]) for k, value in state(restarted).items()), "rolled back"
+
+        forgetful = context(None)
+        reply = node.train(message("train", 1), forgetful)  # the server had accepted one fit
+        assert int(reply.content.metric_records[REPORT]["reset"]) == 1
+        assert int(forgetful.state.config_records[node.FITS]["fits"]) == 1
+        for key, value in upload(first).items():  # the same fit from the initial weights as the first one
+            assert torch.equal(upload(reply)[key], value), key
+
+        blocked = tmp_path / "a-file"
+        blocked.write_text("")
+        unusable = context(blocked)
+        with pytest.raises(RuntimeError, match="fix the node's state-dir"):
+            node.train(message("train", 0), unusable)
+        assert node.FITS not in unusable.state.config_records, "a failed message leaves the node's state as it was"
+
+        def full_disk(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(torch, "save", full_disk)
+            full = context(tmp_path / "full")
+            with pytest.raises(RuntimeError, match=r"could not keep the client's state .* No space left on device"):
+                node.train(message("train", 0), full)
+        assert node.FITS not in full.state.config_records and not list((tmp_path / "full").rglob("*.pt*"))
+        (kept / "run-4" / "client-1.pt").write_bytes(b"not a state")
+        with pytest.raises(RuntimeError, match="does not hold a client's state"):
+            node.train(message("train", 1), context(kept))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def test_flower_link_finds_a_lost_client_on_a_node_that_joined_and_counts_a_reset_afresh() -> None:
+    from flwr.app import RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmoe_pl.errors import ClientUnreachable
+    from fedmoe_pl.flower.server import Link
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        grid = _Grid({11: 0, 12: 1})
+        link = Link(grid, num_clients=2, timeout=0.3)  # type: ignore[arg-type]
+        link.connect()
+        link.fits.update({0: 3, 1: 3})
+        grid.silent.add(12)  # client 1's node left
+        out = link.exchange("train", 4, {0: RecordDict(), 1: RecordDict()})
+        assert isinstance(out[1], ClientUnreachable) and link.lost == {1}
+        link.exchange("train", 5, {0: RecordDict()})  # nobody looks for client 1 until it is asked
+        assert link.node_of[1] == 12
+
+        grid.nodes[13] = 1  # it started again, with a new node id and no state
+        grid.resets.add(13)
+        out = link.exchange("evaluate", 6, {1: RecordDict()})
+        assert not isinstance(out[1], Exception) and grid.received[13], "the message went to the new node"
+        assert link.node_of == {0: 11, 1: 13} and not link.lost
+        assert link.fits[1] == 0 and link.reset == {1} and link.fits[0] == 3
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 

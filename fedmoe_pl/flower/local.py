@@ -27,6 +27,7 @@ from fedmoe_pl.run.rundir import RunDirectory
 
 APP_DIR = Path(__file__).resolve().parent / "app"  # the Flower app (its pyproject.toml), installed with the package
 HOST = "127.0.0.1"
+NODE_ID_LINE = "SuperNode ID:"  # what a SuperNode logs once the SuperLink has registered it
 MARK = "FEDMOE_FLOWER_DEPLOYMENT"  # in the environment of every process of one deployment, children included
 
 
@@ -55,7 +56,8 @@ class LocalDeployment:
 
     Args:
         num_clients: SuperNodes to start, one per client of the federation.
-        workdir: Flower's home (``FLWR_HOME``, with the SuperLink connection) and the processes' logs.
+        workdir: Flower's home (``FLWR_HOME``, with the SuperLink connection), the processes' logs and
+            the nodes' ``state-dir`` (``node-state``: a restarted node finds its client's state there).
         env: the processes' environment (default: this process's).
     """
 
@@ -69,6 +71,7 @@ class LocalDeployment:
         self.port = 0
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: list[subprocess.Popen[bytes]] = []
+        self.node_ports: list[int] = []
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -85,7 +88,7 @@ class LocalDeployment:
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:
             return subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self) -> None:
@@ -106,26 +109,32 @@ class LocalDeployment:
             "--disable-runtime-dependency-installation",  # the apps run in this environment, as installed
         )
         wait_for_port(self.port, self.superlink, self.workdir / "superlink.log")
-        ports = []
         for cid in range(self.num_clients):
-            ports.append(free_port())
-            self.supernodes.append(
-                self._spawn(
-                    f"supernode-{cid}",
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"{HOST}:{self.port}",
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(ports[-1]),
-                    "--node-config",
-                    f"partition-id={cid} num-partitions={self.num_clients}",
-                )
-            )
-        for cid, (port, node) in enumerate(zip(ports, self.supernodes)):
+            self.supernodes.append(self._supernode(cid))
+        for cid, (port, node) in enumerate(zip(self.node_ports, self.supernodes)):
             wait_for_port(port, node, self.workdir / f"supernode-{cid}.log")
+
+    def _supernode(self, cid: int) -> subprocess.Popen[bytes]:
+        """Start client ``cid``'s SuperNode (its log: ``supernode-<cid>.log``, appended to by a restart)."""
+        port = free_port()
+        if cid < len(self.node_ports):
+            self.node_ports[cid] = port
+        else:
+            self.node_ports.append(port)
+        state_dir = _toml_escape(str(self.workdir / "node-state"))
+        return self._spawn(
+            f"supernode-{cid}",
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"{HOST}:{self.port}",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--node-config",
+            f'partition-id={cid} num-partitions={self.num_clients} state-dir="{state_dir}"',
+        )
 
     def run(
         self, fit_args: list[str], timeout: float = 600.0, app_dir: Path = APP_DIR, worker_idle: float | None = None
@@ -144,6 +153,19 @@ class LocalDeployment:
         for pid in _with_descendants([node.pid]):
             _signal(pid, signal.SIGKILL)
         node.wait()
+
+    def restart_node(self, cid: int, timeout: float = 120.0) -> None:
+        """Start client ``cid``'s SuperNode again (after :meth:`kill_node`): a site that comes back.
+        Returns once the SuperLink has given it its (new) node id."""
+        log = self.workdir / f"supernode-{cid}.log"
+        registered = log.read_text(errors="replace").count(NODE_ID_LINE)
+        self.supernodes[cid] = self._supernode(cid)
+        wait_for_port(self.node_ports[cid], self.supernodes[cid], log)
+        deadline = time.monotonic() + timeout
+        while log.read_text(errors="replace").count(NODE_ID_LINE) <= registered:
+            if self.supernodes[cid].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the restarted SuperNode of client {cid} did not register; see {log}")
+            time.sleep(0.2)
 
     def processes(self) -> list[int]:
         """The pids of every live process of this deployment, children included: on Linux, by the mark in

@@ -22,6 +22,12 @@ message tells the node how many of its client's fits the server has accepted; a 
 a fit the server had already given up on (slower than ``timeout``) rolls its client back to the
 state before that fit, so server and node always agree on the client's state.
 
+A client whose node left is looked for again before its next message: a SuperNode that joined since
+(a restarted node gets a new node id) and holds the same ``partition-id`` takes its place. If that
+node found the client's state (the node config's ``state-dir``), the client goes on where it was; if
+not, the node starts the client afresh from its initial weights and the round's record lists it
+under ``reset``.
+
 Each record also carries ``wire_bytes_up`` and ``wire_bytes_down``: the bytes of the arrays the
 server received and the clients received, which equal the simulation's ``bytes_up``/``bytes_down``.
 
@@ -85,6 +91,8 @@ class Link:
         self.fits: dict[int, int] = defaultdict(int)  # fits of each client whose result the server accepted
         self.wire = {"wire_bytes_up": 0, "wire_bytes_down": 0}  # of the round in progress
         self.silent: set[int] = set()  # clients that did not answer in the round in progress
+        self.lost: set[int] = set()  # clients whose node was gone at their last message: looked for again
+        self.reset: set[int] = set()  # clients whose node started them afresh in the round in progress
 
     def connect(self) -> None:
         """Wait for one node per client and learn which client each holds."""
@@ -96,13 +104,7 @@ class Link:
                     f"{self.num_clients} clients; start one SuperNode per client (--node-config 'partition-id=K')"
                 )
             time.sleep(0.5)
-        holders: dict[int, list[int]] = defaultdict(list)
-        errors = []
-        for node, reply in zip(nodes, self._send("query", 0, {node: RecordDict() for node in nodes})):
-            if isinstance(reply, Message):
-                holders[int(number(reply.content.metric_records[REPORT], "partition_id"))].append(node)
-            else:
-                errors.append(str(reply))
+        holders, errors = self._holders(nodes)
         doubled = {cid: found for cid, found in holders.items() if len(found) > 1}
         missing = sorted(set(range(self.num_clients)) - set(holders))
         if doubled or missing:
@@ -112,12 +114,43 @@ class Link:
             )
         self.node_of = {cid: found[0] for cid, found in holders.items()}
 
+    def _holders(self, nodes: list[int]) -> tuple[dict[int, list[int]], list[str]]:
+        """Ask each node which client it holds: the nodes of each client, and the nodes' errors."""
+        holders: dict[int, list[int]] = defaultdict(list)
+        errors = []
+        for node, reply in zip(nodes, self._send("query", 0, {node: RecordDict() for node in nodes})):
+            if isinstance(reply, Message):
+                holders[int(number(reply.content.metric_records[REPORT], "partition_id"))].append(node)
+            else:
+                errors.append(str(reply))
+        return holders, errors
+
+    def rediscover(self) -> None:
+        """Look for the lost clients among the nodes that joined since: one that holds a lost client's
+        partition (only one) becomes its node."""
+        known = set(self.node_of.values())
+        joined = [node for node in self.grid.get_node_ids() if node not in known]
+        if not joined:
+            return
+        holders, _ = self._holders(joined)
+        for cid, found in sorted(holders.items()):
+            if cid not in self.lost:
+                continue
+            if len(found) > 1:
+                log.warning("client %d is held by several new nodes %s; start one SuperNode per client", cid, found)
+                continue
+            log.warning("client %d is now on node %d (its node %d left)", cid, found[0], self.node_of[cid])
+            self.node_of[cid] = found[0]
+            self.lost.discard(cid)
+
     def exchange(self, kind: str, round_: int, contents: dict[int, RecordDict]) -> dict[int, Message | Exception]:
         """Send each client its content (with its pending instructions); the reply or error of each.
 
         A client that does not answer keeps its instructions pending, for its next message: one that
         was only slow then catches up, in order, before it trains again.
         """
+        if self.lost & set(contents):
+            self.rediscover()
         sent = {cid: self.pending.pop(cid, []) for cid in contents}
         for cid, content in contents.items():
             put_instructions(content, sent[cid])
@@ -127,11 +160,19 @@ class Link:
         for cid, reply in zip(contents, replies):
             out[cid] = reply
             if isinstance(reply, Message):
-                self.wire["wire_bytes_down"] += int(number(reply.content.metric_records[REPORT], "bytes_received"))
+                self.lost.discard(cid)
+                report = reply.content.metric_records[REPORT]
+                self.wire["wire_bytes_down"] += int(number(report, "bytes_received"))
+                if report.get("reset"):  # the node started the client afresh: it has kept no fit
+                    log.warning("client %d was started afresh by its node (the node had no state for it)", cid)
+                    self.fits[cid] = 0
+                    self.reset.add(cid)
             else:
                 if waiting := collapse([*sent[cid], *self.pending.get(cid, [])]):
                     self.pending[cid] = waiting
                 self.silent.add(cid)
+                if isinstance(reply, ClientUnreachable):
+                    self.lost.add(cid)
         return out
 
     def queue(self, cid: int, instruction: Instruction) -> None:
@@ -243,9 +284,10 @@ class FlowerFleet:
             for cid, reply in self.link.exchange("evaluate", round_, apply_only).items():
                 if isinstance(reply, Exception):
                     log.warning("client %d did not receive the round's instructions: %s", cid, reply)
-        measured = dict(self.link.wire)
+        measured: dict[str, Any] = {**self.link.wire, "reset": sorted(self.link.reset)}
         self.link.wire = dict.fromkeys(self.link.wire, 0)  # the next round counts afresh
         self.link.silent.clear()
+        self.link.reset.clear()
         return measured
 
     def state_dict(self) -> Any:
