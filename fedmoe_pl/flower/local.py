@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -37,16 +38,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0, host: str = HOST
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{log.stem} exited with {process.returncode}; its log is {log}")
         with socket.socket() as s:
-            if s.connect_ex((HOST, port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listened on {HOST}:{port} within {timeout:.0f} s; see {log}")
+    raise RuntimeError(f"nothing listened on {host}:{port} within {timeout:.0f} s; see {log}")
+
+
+def wait_for_registration(process: subprocess.Popen[bytes], log: Path, seen: int = 0, timeout: float = 120.0) -> None:
+    """Wait until the SuperNode logging to ``log`` has its node id from the SuperLink (its log then holds
+    more than ``seen`` registrations)."""
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count(NODE_ID_LINE) <= seen:
+        if process.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited with {process.returncode}; its log is {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log.stem} did not register with the SuperLink within {timeout:.0f} s; see {log}")
+        time.sleep(0.2)
 
 
 class LocalDeployment:
@@ -59,10 +74,21 @@ class LocalDeployment:
         workdir: Flower's home (``FLWR_HOME``, with the SuperLink connection), the processes' logs and
             the nodes' ``state-dir`` (``node-state``: a restarted node finds its client's state there).
         env: the processes' environment (default: this process's).
+        host: the address the SuperLink listens on (default 127.0.0.1).
+        node_prefix: a command the SuperNodes are started under (e.g. ``ip netns exec NAME``, to put
+            them in another network namespace; they then listen on that namespace's 127.0.0.1).
     """
 
-    def __init__(self, num_clients: int, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        num_clients: int,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        host: str = HOST,
+        node_prefix: Sequence[str] = (),
+    ) -> None:
         self.num_clients, self.workdir = num_clients, Path(workdir)
+        self.host, self.node_prefix = host, list(node_prefix)
         self.mark = uuid.uuid4().hex
         bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers (flower-superexec, ...) from PATH
         base = dict(os.environ if env is None else env)
@@ -71,7 +97,6 @@ class LocalDeployment:
         self.port = 0
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: list[subprocess.Popen[bytes]] = []
-        self.node_ports: list[int] = []
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -95,39 +120,37 @@ class LocalDeployment:
         home = self.workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        address = f"{self.host}:{self.port}"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{HOST}:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\ninsecure = true\n'
         )
         self.superlink = self._spawn(
             "superlink",
             "flower-superlink",
             "--insecure",
             "--host",
-            HOST,
+            self.host,
             "--port",
             str(self.port),
             "--disable-runtime-dependency-installation",  # the apps run in this environment, as installed
         )
-        wait_for_port(self.port, self.superlink, self.workdir / "superlink.log")
+        wait_for_port(self.port, self.superlink, self.workdir / "superlink.log", host=self.host)
         for cid in range(self.num_clients):
             self.supernodes.append(self._supernode(cid))
-        for cid, (port, node) in enumerate(zip(self.node_ports, self.supernodes)):
-            wait_for_port(port, node, self.workdir / f"supernode-{cid}.log")
+        for cid, node in enumerate(self.supernodes):
+            wait_for_registration(node, self.workdir / f"supernode-{cid}.log")
 
     def _supernode(self, cid: int) -> subprocess.Popen[bytes]:
         """Start client ``cid``'s SuperNode (its log: ``supernode-<cid>.log``, appended to by a restart)."""
-        port = free_port()
-        if cid < len(self.node_ports):
-            self.node_ports[cid] = port
-        else:
-            self.node_ports.append(port)
+        port = free_port()  # its HTTP API, for the ClientApps it starts
         state_dir = _toml_escape(str(self.workdir / "node-state"))
         return self._spawn(
             f"supernode-{cid}",
+            *self.node_prefix,
             "flower-supernode",
             "--insecure",
             "--superlink",
-            f"{HOST}:{self.port}",
+            f"{self.host}:{self.port}",
             "--host",
             HOST,
             "--port",
@@ -160,12 +183,7 @@ class LocalDeployment:
         log = self.workdir / f"supernode-{cid}.log"
         registered = log.read_text(errors="replace").count(NODE_ID_LINE)
         self.supernodes[cid] = self._supernode(cid)
-        wait_for_port(self.node_ports[cid], self.supernodes[cid], log)
-        deadline = time.monotonic() + timeout
-        while log.read_text(errors="replace").count(NODE_ID_LINE) <= registered:
-            if self.supernodes[cid].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the restarted SuperNode of client {cid} did not register; see {log}")
-            time.sleep(0.2)
+        wait_for_registration(self.supernodes[cid], log, seen=registered, timeout=timeout)
 
     def processes(self) -> list[int]:
         """The pids of every live process of this deployment, children included: on Linux, by the mark in
