@@ -257,6 +257,10 @@ def test_flower_local_refuses_bad_arguments_and_a_used_run_directory_before_star
     assert main(["--config", str(config), "--federation.run_dir", str(used)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (used / "metrics.jsonl").read_text() == '{"round": 1}\n' and not (tmp_path / "used.flower").exists()
+    drifting = ["--config", str(config), "--data.drift", '[{"round": 2, "kind": "rotate"}]']
+    assert main([*drifting, "--federation.run_dir", str(tmp_path / "drift")]) == 2
+    assert "data.drift is not supported on Flower yet" in capsys.readouterr().err
+    assert not (tmp_path / "drift.flower").exists()
 
 
 @pytest.mark.slow

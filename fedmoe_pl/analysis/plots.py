@@ -2,7 +2,9 @@
 
 Written at the end of every run and by ``fedmoe-pl plot RUN_DIR`` (also for an interrupted run):
 
-- ``accuracy.png``: mean client test accuracy per round, the spread over clients (± std, min);
+- ``accuracy.png``: mean client test accuracy per round, the spread over clients (± std, min); with
+  drifting data (``data.drift``), also the mean accuracy on the data the clients held before the
+  latest change (forgetting), and the rounds of the changes;
 - ``client_accuracy.png``: each client's final test accuracy, coloured by its model;
 - ``communication.png``: bytes up and down per round;
 - for a method with a gate (pFedMoE): ``gate_by_class.png``, the client-by-class mean gate weight
@@ -67,7 +69,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_accuracy(rows: list[dict[str, Any]], out: Path) -> Path:
+def plot_accuracy(rows: list[dict[str, Any]], out: Path, drift_rounds: list[int] | None = None) -> Path:
     plt = _pyplot()
     evaluated = [r for r in rows if r.get("mean_acc") is not None]
     rounds = [r["round"] for r in evaluated]
@@ -78,10 +80,15 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path) -> Path:
     ax.plot(rounds, mean, marker="o", ms=3, lw=1.8, color="C0", label="mean over clients")
     ax.fill_between(rounds, mean - std, np.minimum(mean + std, 100), color="C0", alpha=0.2, lw=0, label="± std")
     ax.plot(rounds, low, ls=":", color="C3", lw=1.2, label="worst client")
+    before = [(r["round"], r["mean_acc_before_drift"] * 100) for r in evaluated if "mean_acc_before_drift" in r]
+    if before:
+        ax.plot(*zip(*before), marker="s", ms=3, lw=1.5, color="C2", label="mean, on the data held before the drift")
+    for i, start in enumerate(drift_rounds or []):
+        ax.axvline(start - 0.5, color="0.4", ls="--", lw=1, label="data drifts" if i == 0 else None)
     ax.set(xlabel="round", ylabel="client test accuracy (%)", title="Mean client test accuracy per round")
     _whole_rounds(ax)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, out / "accuracy.png")
 
 
@@ -229,7 +236,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     make_folder(out, "--output")
     written = [plot_communication(rows, out)]
     if any(r.get("mean_acc") is not None for r in rows):
-        written += [plot_accuracy(rows, out), plot_client_accuracy(rows, summary, out)]
+        partition = RunDirectory(run_dir).read_json(PARTITION) or {}
+        drift_rounds = sorted({int(change["round"]) for change in partition.get("drift", [])})
+        written += [plot_accuracy(rows, out, drift_rounds), plot_client_accuracy(rows, summary, out)]
     gates = sorted({gate for r in rows for gate in r.get(HISTOGRAMS, {})})  # the gates' weights (evaluation.py)
     if any(SWITCH[0] in r.get(PER_CLIENT, {}) for r in rows):
         written.append(plot_switch_norm(rows, summary, out))

@@ -1,6 +1,7 @@
 """Data: sources, seeded partitioners, per-client and federated data modules."""
 
 from fedmoe_pl.data.client import ClientDataModule, TensorBatches
+from fedmoe_pl.data.drift import Drift
 from fedmoe_pl.data.federated import FederatedDataModule
 from fedmoe_pl.data.local_sources import ImageFolder, Synthetic
 from fedmoe_pl.data.partition import IID, Dirichlet, Partitioner, Pathological, assign, scale_counts
@@ -15,6 +16,7 @@ __all__ = [
     "BatchTransform",
     "ClientDataModule",
     "Dirichlet",
+    "Drift",
     "FashionMNIST",
     "FederatedDataModule",
     "ImageFolder",

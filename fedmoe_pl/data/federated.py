@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 
 from fedmoe_pl.data.client import ClientDataModule
+from fedmoe_pl.data.drift import Drift, Schedule, keep, shift_images
 from fedmoe_pl.data.partition import Partitioner, assign, scale_counts
 from fedmoe_pl.data.sources import Source, SourceData
 from fedmoe_pl.data.transforms import BatchTransform
@@ -74,6 +77,8 @@ class FederatedDataModule:
         eval_batch_size: evaluation batch size.
         augment: crop-with-padding and horizontal flips while training. ``None`` turns them on for
             colour data and off for gray images such as digits.
+        drift: changes of the clients' data from stated rounds on (:mod:`fedmoe_pl.data.drift`);
+            none by default.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class FederatedDataModule:
         batch_size: int = 64,
         eval_batch_size: int = 512,
         augment: bool | None = None,
+        drift: list[Drift] | None = None,
     ) -> None:
         if split not in ("paper", "pooled"):
             raise ValueError(f"split={split!r} is not a convention; use 'paper' or 'pooled'")
@@ -96,7 +102,10 @@ class FederatedDataModule:
         self.source, self.partitioner = source, partitioner
         self.num_clients, self.split, self.train_fraction = num_clients, split, train_fraction
         self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
-        self.clients: Sequence[ClientDataModule] = []
+        self.drift = list(drift or [])
+        self.clients: Sequence[ClientDataModule] = []  # the shards of the first phase (all rounds, without drift)
+        self.schedule: Schedule | None = None  # the drift's phases, known after setup
+        self._phases: dict[int, Shards] = {}
         self.fingerprint = ""
         self.num_classes = self.in_channels = self.image_size = 0
         self.classes: list[str] = []
@@ -122,16 +131,65 @@ class FederatedDataModule:
                     "lower num_clients or pick a partitioner that spreads classes more widely"
                 )
         train_tf, eval_tf = self._transforms(data)
-
-        def cut(i: int) -> ClientDataModule:
-            tr, te = torch.from_numpy(train_idx[i]), torch.from_numpy(test_idx[i])
-            train, test = (train_x[tr], train_y[tr]), (test_x[te], test_y[te])
-            return ClientDataModule(train, test, train_tf, eval_tf, self.batch_size, self.eval_batch_size)
-
-        self.clients = Shards(cut, [len(i) for i in train_idx], [len(i) for i in test_idx])
         train_labels, test_labels = train_y.numpy(), test_y.numpy()
+        schedule = self.schedule = Schedule(self.drift, self.num_clients)
+        schedule.check_classes(data.num_classes)
+
+        def indices(phase: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+            source, held = schedule.source(phase, i), schedule.held_back(phase)
+            return keep(train_labels, train_idx[source], held), keep(test_labels, test_idx[source], held)
+
+        def shards(phase: int) -> Shards:
+            def cut(i: int) -> ClientDataModule:
+                tr, te = (torch.from_numpy(idx) for idx in indices(phase, i))
+                train_images, test_images = train_x[tr], test_x[te]
+                if shifts := schedule.shifts(phase):
+                    train_images = shift_images(train_images, shifts, seed, i, 0)
+                    test_images = shift_images(test_images, shifts, seed, i, 1)
+                train, test = (train_images, train_y[tr]), (test_images, test_y[te])
+                return ClientDataModule(train, test, train_tf, eval_tf, self.batch_size, self.eval_batch_size)
+
+            sizes = [tuple(len(idx) for idx in indices(phase, i)) for i in range(self.num_clients)]
+            for i, (n_train, _) in enumerate(sizes):
+                if n_train == 0:
+                    raise ValueError(
+                        f"client {i} holds no training samples from round {schedule.starts[phase]} on: every class "
+                        f"it holds then is held back by data.drift (classes {sorted(schedule.held_back(phase))}); "
+                        "let those classes arrive earlier or hold back fewer"
+                    )
+            return Shards(cut, [n for n, _ in sizes], [n for _, n in sizes])
+
+        self._phase_shards = shards
+        self._phases = {phase: shards(phase) for phase in range(len(schedule))}  # sizes checked; nothing cut yet
+        self.clients = self._phases[0]
         self._labels = [(train_labels[tr], test_labels[te]) for tr, te in zip(train_idx, test_idx)]
         self.fingerprint = self._fingerprint(data.identity, train_idx, test_idx)
+
+    def shards(self, round_: int) -> Sequence[ClientDataModule]:
+        """Every client's shard in round ``round_`` (the same in every round without drift)."""
+        if self.schedule is None or not self._phases:
+            raise RuntimeError("call setup(seed) before asking for shards")
+        return self._shards_of(self.schedule.phase(round_))
+
+    def before_drift(self, round_: int) -> Sequence[ClientDataModule] | None:
+        """The shards the clients held before the latest change in effect at ``round_`` (None before the
+        first change): what forgetting is measured on."""
+        if self.schedule is None:
+            raise RuntimeError("call setup(seed) before asking for shards")
+        phase = self.schedule.phase(round_)
+        return self._shards_of(phase - 1) if phase else None
+
+    def _shards_of(self, phase: int) -> Shards:
+        """A phase's shards; the cut shards of phases two or more behind the latest asked for are let go."""
+        shards = self._phases[phase]
+        for old in self._phases:
+            if 0 < old < phase - 1 and self._phases[old].made:
+                self._phases[old] = self._phase_shards(old)
+        return shards
+
+    def check_rounds(self, rounds: int) -> None:
+        """Refuse a drift schedule with changes after the run's last round."""
+        Schedule(self.drift, self.num_clients).check_rounds(rounds)
 
     def _check_size(self, n: int) -> None:
         if self.num_clients > n:
@@ -165,6 +223,8 @@ class FederatedDataModule:
 
     def _fingerprint(self, identity: str, train_idx: list[np.ndarray], test_idx: list[np.ndarray]) -> str:
         h = hashlib.sha256(f"{identity}|{self.split}|{self.train_fraction if self.split == 'pooled' else ''}".encode())
+        if self.drift:  # (a run without drift keeps its fingerprint)
+            h.update(json.dumps([asdict(change) for change in self.drift], sort_keys=True).encode())
         for tr, te in zip(train_idx, test_idx):
             h.update(b"client")
             h.update(tr.tobytes())
@@ -192,9 +252,12 @@ class FederatedDataModule:
         """The partition as written to ``partition.json``."""
         if not self.clients:
             raise RuntimeError("call setup(seed) before asking for the partition report")
-        return {
+        report = {
             "fingerprint": self.fingerprint,
             "num_classes": self.num_classes,
             "classes": self.classes,
             "clients": self.label_counts(),
         }
+        if self.drift:
+            report["drift"] = [asdict(change) for change in self.drift]
+        return report

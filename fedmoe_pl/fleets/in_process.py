@@ -23,6 +23,7 @@ from fedmoe_pl.fleets.clients import ClientPool, MemoryClients, ReadOnlyClients
 from fedmoe_pl.fleets.executor import Executor, FitJob, SequentialExecutor
 from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
 from fedmoe_pl.models import model_name
+from fedmoe_pl.run.rundir import PER_CLIENT
 from fedmoe_pl.run.schedule import client_seed
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,9 @@ class InProcessFleet:
 
     def jobs(self, cohort: Cohort) -> list[FitJob]:
         """The cohort's local fits, each on its client and shard."""
+        shards = self.data.shards(cohort.round)
         return [
-            FitJob(self.pool[cid], self.data.clients[cid], seed, cohort.epochs, cohort.restore_on_error)
+            FitJob(self.pool[cid], shards[cid], seed, cohort.epochs, cohort.restore_on_error)
             for cid, seed in cohort.seeds.items()
         ]
 
@@ -107,8 +109,17 @@ class InProcessFleet:
         return self.executor.fit(self.jobs(cohort))
 
     def evaluate(self, round_: int, ids: Sequence[int], confusion: bool) -> dict[str, Any]:
-        clients, shards = self.pool.visit(ids), [self.data.clients[cid] for cid in ids]
-        return self.evaluator(clients, shards, self.data.num_classes, confusion=confusion)
+        """Score the clients on their shards of this round; after a drift, also on the ones they held
+        before it (``mean_acc_before_drift``, ``per_client.client_acc_before_drift``: forgetting)."""
+        shards = self.data.shards(round_)
+        scores = self.evaluator(self.pool.visit(ids), [shards[cid] for cid in ids], self.data.num_classes, confusion)
+        before = self.data.before_drift(round_)
+        if before is not None and scores:
+            earlier = self.evaluator(self.pool.visit(ids), [before[cid] for cid in ids], self.data.num_classes)
+            scores["mean_acc_before_drift"] = earlier["mean_acc"]
+            if PER_CLIENT in earlier:
+                scores.setdefault(PER_CLIENT, {})["client_acc_before_drift"] = earlier[PER_CLIENT]["client_acc"]
+        return scores
 
     def end_round(self, round_: int) -> dict[str, Any]:
         self.pool.release(round_)  # the clients the round changed are saved

@@ -56,6 +56,7 @@ from fedmoe_pl.errors import ClientUnreachable
 from fedmoe_pl.fleets.executor import quiet_lightning
 from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
 from fedmoe_pl.fleets.in_process import InProcessFleet
+from fedmoe_pl.flower import NO_DRIFT
 from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record, number, put_instructions
 from fedmoe_pl.run.experiment import Experiment, fit
 from fedmoe_pl.run.federation import Federation
@@ -319,6 +320,8 @@ def _evaluate_message(score: bool, confusion: bool) -> RecordDict:
 
 def run(exp: Experiment, grid: Grid, timeout: float) -> dict[str, Any]:
     """``fedmoe-pl fit`` with the clients on the grid's nodes: the same run directory, metrics and W&B."""
+    if exp.data.drift:
+        raise ValueError(NO_DRIFT)
 
     def build(exp: Experiment, sinks: Sequence[Sink], device: Any, group: Any) -> Federation:
         link = Link(grid, exp.data.num_clients, timeout)

@@ -172,6 +172,7 @@ def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple
     """Refuse what cannot run, load the data and the checkpoint to resume: before anything is written."""
     exp.algorithm.check(exp.client)
     exp.algorithm.check_federation(exp.federation)
+    exp.data.check_rounds(exp.federation.rounds)
     if exp.federation.executor == "batched":
         check_batched(exp.trainer)
     if resume is not None and RunDirectory.locate(resume).resolve() != run_dir.path.resolve():
