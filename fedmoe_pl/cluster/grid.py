@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -268,7 +269,7 @@ def write_cell_file(cell: Cell) -> None:
 def describe(cells: list[Cell]) -> str:
     lines = [f"{len(cells)} cells"]
     for i, cell in enumerate(cells):
-        lines.append(f"[{i}] {cell.name} ({cell.status()}): fedmoe-pl fit {' '.join(cell.fit_args())}")
+        lines.append(f"[{i}] {cell.name} ({cell.status()}): fedmoe-pl fit {shlex.join(cell.fit_args())}")
     return "\n".join(lines)
 
 
