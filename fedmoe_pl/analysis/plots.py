@@ -80,7 +80,9 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path, drift_rounds: list[int]
     ax.plot(rounds, mean, marker="o", ms=3, lw=1.8, color="C0", label="mean over clients")
     ax.fill_between(rounds, mean - std, np.minimum(mean + std, 100), color="C0", alpha=0.2, lw=0, label="± std")
     ax.plot(rounds, low, ls=":", color="C3", lw=1.2, label="worst client")
-    before = [(r["round"], r["mean_acc_before_drift"] * 100) for r in evaluated if "mean_acc_before_drift" in r]
+    before = [
+        (r["round"], r["mean_acc_before_drift"] * 100) for r in evaluated if r.get("mean_acc_before_drift") is not None
+    ]
     if before:
         ax.plot(*zip(*before), marker="s", ms=3, lw=1.5, color="C2", label="mean, on the data held before the drift")
     for i, start in enumerate(drift_rounds or []):
