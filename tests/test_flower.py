@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import tiny_config
 
 pytest.importorskip("flwr", reason="the flower extra is not installed (Flower needs Python 3.11+)")
@@ -86,7 +87,12 @@ def test_flower_wire_carries_instructions_in_order_and_counts_their_bytes() -> N
 
 @pytest.mark.slow
 def test_flower_deployment_gives_the_fit_run_and_stops_every_process(tmp_path: Path) -> None:
+    """Drifting data included: from round 2 each client holds the next one's data, and both runs score
+    the clients on what they held before."""
     config = tiny_config(tmp_path, rounds=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["drift"] = [{"round": 2, "kind": "rotate"}]
+    config.write_text(yaml.safe_dump(cfg))
     single = subprocess.run(
         [
             sys.executable,
@@ -115,10 +121,15 @@ def test_flower_deployment_gives_the_fit_run_and_stops_every_process(tmp_path: P
 
     fit, flower = _metrics(tmp_path / "fit"), _metrics(tmp_path / "flower")
     assert [m["round"] for m in flower] == [1, 2]
+    assert "mean_acc_before_drift" not in flower[0] and len(flower[1]["per_client"]["client_acc_before_drift"]) == 3
     for a, b in zip(fit, flower):
         assert b["per_client"]["client_acc"] == pytest.approx(a["per_client"]["client_acc"], abs=1e-6)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
         assert b["mean_acc"] == pytest.approx(a["mean_acc"], abs=1e-6)
+        assert b.get("mean_acc_before_drift") == pytest.approx(a.get("mean_acc_before_drift"), abs=1e-6)
+        assert b["per_client"].get("client_acc_before_drift") == pytest.approx(
+            a["per_client"].get("client_acc_before_drift"), abs=1e-6
+        )
         assert b["failed"] == a["failed"] == [] and b["unreachable"] == []
         # What the method counts, and what crossed the wire: the arrays the clients and the server received.
         assert (b["bytes_up"], b["bytes_down"]) == (a["bytes_up"], a["bytes_down"])
@@ -257,10 +268,6 @@ def test_flower_local_refuses_bad_arguments_and_a_used_run_directory_before_star
     assert main(["--config", str(config), "--federation.run_dir", str(used)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (used / "metrics.jsonl").read_text() == '{"round": 1}\n' and not (tmp_path / "used.flower").exists()
-    drifting = ["--config", str(config), "--data.drift", '[{"round": 2, "kind": "rotate"}]']
-    assert main([*drifting, "--federation.run_dir", str(tmp_path / "drift")]) == 2
-    assert "data.drift is not supported on Flower yet" in capsys.readouterr().err
-    assert not (tmp_path / "drift.flower").exists()
 
 
 @pytest.mark.slow
@@ -444,7 +451,7 @@ def test_a_resident_worker_serves_a_node_s_messages_as_the_node_s_own_process_wo
         if kind == "train":
             body["fit"] = ConfigRecord({"round": accepted + 1, "seed": 11 + accepted, "epochs": 1})
         else:
-            body["evaluate"] = ConfigRecord({"score": True, "confusion": False})
+            body["evaluate"] = ConfigRecord({"round": accepted, "score": True, "confusion": False})
         put_instructions(body, [])
         return body
 

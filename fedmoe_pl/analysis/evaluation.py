@@ -152,6 +152,16 @@ def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confus
     return out
 
 
+def with_forgetting(scores: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """A round's evaluation fields (:func:`summarize`) with the scores of the same clients on the data
+    they held before the latest drift: ``mean_acc_before_drift`` and, per client,
+    ``client_acc_before_drift``."""
+    out = {**scores, "mean_acc_before_drift": earlier["mean_acc"]}
+    if PER_CLIENT in earlier:
+        out[PER_CLIENT] = {**scores.get(PER_CLIENT, {}), "client_acc_before_drift": earlier[PER_CLIENT]["client_acc"]}
+    return out
+
+
 def score(
     preds: torch.Tensor, labels: torch.Tensor, extras: dict[str, torch.Tensor], num_classes: int
 ) -> dict[str, Any]:

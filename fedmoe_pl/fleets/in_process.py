@@ -16,14 +16,13 @@ import torch
 
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import Algorithm, ClientConfig, ClientContext, FederatedClient, Instruction
-from fedmoe_pl.analysis.evaluation import Evaluator
+from fedmoe_pl.analysis.evaluation import Evaluator, with_forgetting
 from fedmoe_pl.analysis.flops import training_flops_per_sample
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.fleets.clients import ClientPool, MemoryClients, ReadOnlyClients
 from fedmoe_pl.fleets.executor import Executor, FitJob, SequentialExecutor
 from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
 from fedmoe_pl.models import model_name
-from fedmoe_pl.run.rundir import PER_CLIENT
 from fedmoe_pl.run.schedule import client_seed
 
 log = logging.getLogger(__name__)
@@ -116,9 +115,7 @@ class InProcessFleet:
         before = self.data.before_drift(round_)
         if before is not None and scores:
             earlier = self.evaluator(self.pool.visit(ids), [before[cid] for cid in ids], self.data.num_classes)
-            scores["mean_acc_before_drift"] = earlier["mean_acc"]
-            if PER_CLIENT in earlier:
-                scores.setdefault(PER_CLIENT, {})["client_acc_before_drift"] = earlier[PER_CLIENT]["client_acc"]
+            return with_forgetting(scores, earlier)
         return scores
 
     def end_round(self, round_: int) -> dict[str, Any]:

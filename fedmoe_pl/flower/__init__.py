@@ -11,8 +11,6 @@ starts a SuperLink and one SuperNode per client on this machine.
 
 from __future__ import annotations
 
-NO_DRIFT = "data.drift is not supported on Flower yet (a node keeps one shard); use fedmoe-pl fit"
-
 
 def require_flower() -> None:
     """Refuse clearly when Flower is not installed."""

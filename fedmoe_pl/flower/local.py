@@ -279,16 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --worker-idle {args.worker_idle} is negative; give seconds >= 0", file=sys.stderr)
         return 2
     from fedmoe_pl.cli import experiment_from_args
-    from fedmoe_pl.flower import NO_DRIFT, require_flower
+    from fedmoe_pl.flower import require_flower
 
     require_flower()
     try:
         exp = experiment_from_args(list(fit_args))
     except (argparse.ArgumentError, ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if exp.data.drift:
-        print(f"error: {NO_DRIFT}", file=sys.stderr)
         return 2
     run_dir = Path(exp.federation.run_dir)
     if RunDirectory(run_dir).holds_run():  # refused before any process starts

@@ -51,12 +51,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmoe_pl.aggregation import payload_bytes
 from fedmoe_pl.algorithms import ClientResult, FederatedClient, Instruction
-from fedmoe_pl.analysis.evaluation import summarize
+from fedmoe_pl.analysis.evaluation import summarize, with_forgetting
 from fedmoe_pl.errors import ClientUnreachable
 from fedmoe_pl.fleets.executor import quiet_lightning
 from fedmoe_pl.fleets.fleet import Cohort, FitOutcome
 from fedmoe_pl.fleets.in_process import InProcessFleet
-from fedmoe_pl.flower import NO_DRIFT
 from fedmoe_pl.flower.wire import LINK, REPORT, UPLOAD, from_record, number, put_instructions
 from fedmoe_pl.run.experiment import Experiment, fit
 from fedmoe_pl.run.federation import Federation
@@ -265,23 +264,30 @@ class FlowerFleet:
         asked = set(ids)
         waiting = {cid for cid, queued in self.link.pending.items() if queued}
         targets = sorted(asked | (waiting - self.link.silent))
-        contents = {cid: _evaluate_message(cid in asked, confusion) for cid in targets}
+        contents = {cid: _evaluate_message(round_, cid in asked, confusion) for cid in targets}
         scores: dict[int, dict[str, Any] | None] = {}
+        earlier: dict[int, dict[str, Any] | None] = {}  # on the data held before the latest drift
         unreachable = []
         for cid, reply in self.link.exchange("evaluate", round_, contents).items():
             if isinstance(reply, Exception):
                 log.warning("client %d was not evaluated: %s", cid, reply)
                 unreachable.append(cid)
             elif cid in asked:
-                scores[cid] = json.loads(str(reply.content.config_records["scores"]["json"]))
-        return {**summarize(scores, self.data.num_classes, confusion), "unreachable": unreachable}
+                scored = reply.content.config_records["scores"]
+                scores[cid] = json.loads(str(scored["json"]))
+                if "before_drift" in scored:
+                    earlier[cid] = json.loads(str(scored["before_drift"]))
+        out = summarize(scores, self.data.num_classes, confusion)
+        if earlier:
+            out = with_forgetting(out, summarize(earlier, self.data.num_classes))
+        return {**out, "unreachable": unreachable}
 
     def end_round(self, round_: int) -> dict[str, Any]:
         # Instructions of a round without evaluation still reach their clients now (not those of a
         # client that did not answer this round: they wait for its next message).
         waiting = sorted(cid for cid, queued in self.link.pending.items() if queued and cid not in self.link.silent)
         if waiting:
-            apply_only = {cid: _evaluate_message(score=False, confusion=False) for cid in waiting}
+            apply_only = {cid: _evaluate_message(round_, score=False, confusion=False) for cid in waiting}
             for cid, reply in self.link.exchange("evaluate", round_, apply_only).items():
                 if isinstance(reply, Exception):
                     log.warning("client %d did not receive the round's instructions: %s", cid, reply)
@@ -313,15 +319,14 @@ def collapse(instructions: list[Instruction]) -> list[Instruction]:
     return [Instruction(payload, settings)]
 
 
-def _evaluate_message(score: bool, confusion: bool) -> RecordDict:
-    """An ``evaluate`` message's own content: whether to score the client (and its confusion matrix)."""
-    return RecordDict({"evaluate": ConfigRecord({"score": score, "confusion": confusion})})
+def _evaluate_message(round_: int, score: bool, confusion: bool) -> RecordDict:
+    """An ``evaluate`` message's own content: the round (whose data a drifting run scores), whether to
+    score the client and its confusion matrix."""
+    return RecordDict({"evaluate": ConfigRecord({"round": round_, "score": score, "confusion": confusion})})
 
 
 def run(exp: Experiment, grid: Grid, timeout: float) -> dict[str, Any]:
     """``fedmoe-pl fit`` with the clients on the grid's nodes: the same run directory, metrics and W&B."""
-    if exp.data.drift:
-        raise ValueError(NO_DRIFT)
 
     def build(exp: Experiment, sinks: Sequence[Sink], device: Any, group: Any) -> Federation:
         link = Link(grid, exp.data.num_clients, timeout)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Context, MetricRecord, RecordDict
 
 from fedmoe_pl.algorithms import FederatedClient
 from fedmoe_pl.analysis.evaluation import Evaluator
@@ -40,11 +40,11 @@ STATE_DIR = "state-dir"  # node config: where the node keeps its client's state 
 
 @dataclass
 class Site:
-    """One node's part of the federation for one message: its client and its data shard."""
+    """One node's part of the federation for one message: its client and its data shard in the
+    message's round (a drifting run's shards change with the round)."""
 
     exp: Experiment
     client: FederatedClient
-    shard: ClientDataModule
     fits: int  # the client's fits the server accepted
     opened: dict[str, torch.Tensor]  # the client's state when the message arrived
     stored: Path | None  # where the state is also kept on disk (the node config's state-dir), if anywhere
@@ -71,7 +71,7 @@ class Site:
                 STATE_DIR,
             )
             client.load_state_dict(initial)
-            return cls(exp, client, exp.data.clients[cid], 0, _copy(client.state_dict()), stored, reset=True)
+            return cls(exp, client, 0, _copy(client.state_dict()), stored, reset=True)
         if kept == accepted + 1 and BEFORE_FIT in records:  # a late fit the server discarded
             client.load_state_dict(records[BEFORE_FIT].to_torch_state_dict())
         elif kept != accepted:
@@ -83,7 +83,11 @@ class Site:
             client.load_state_dict(records[STATE].to_torch_state_dict())
         else:  # the first message: the client's initial weights
             client.load_state_dict(initial)
-        return cls(exp, client, exp.data.clients[cid], accepted, _copy(client.state_dict()), stored)
+        return cls(exp, client, accepted, _copy(client.state_dict()), stored)
+
+    def shard(self, round_: int) -> ClientDataModule:
+        """The client's data in round ``round_``."""
+        return self.exp.data.shards(round_)[self.client.client_id]
 
     def apply(self, content: RecordDict) -> int:
         """Apply the message's instructions in order; return the bytes of state they carried."""
@@ -203,7 +207,8 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     site = Site.open(context, content)
     received = site.apply(content)
     fit = content.config_records["fit"]
-    job = FitJob(site.client, site.shard, seed=int(number(fit, "seed")), epochs=int(number(fit, "epochs")))
+    shard = site.shard(int(number(fit, "round")))
+    job = FitJob(site.client, shard, seed=int(number(fit, "seed")), epochs=int(number(fit, "epochs")))
     outcome = next(iter(SequentialExecutor(site.exp.trainer).fit([job])))
     if outcome.error is not None:
         raise outcome.error  # Flower replies with the error; the node keeps the client's state from before
@@ -220,16 +225,22 @@ def train(content: RecordDict, context: Context) -> RecordDict:
 
 
 def evaluate(content: RecordDict, context: Context) -> RecordDict:
-    """Apply the pending instructions and, if asked, score the client on its test shard."""
+    """Apply the pending instructions and, if asked, score the client on its test shard of the round
+    (after a drift, also on the one it held before the latest change)."""
     site = Site.open(context, content)
     received = site.apply(content)
     site.save(context)
     asked = content.config_records["evaluate"]
     reply = RecordDict({REPORT: MetricRecord(site.report(received))})
     if bool(asked["score"]):
+        round_, data = int(number(asked, "round")), site.exp.data
         evaluator = Evaluator(training_device(site.exp.trainer))
-        scores = evaluator.score_client(site.client, site.shard, site.exp.data.num_classes, bool(asked["confusion"]))
-        reply["scores"] = ConfigRecord({"json": json.dumps(scores)})
+        scores = evaluator.score_client(site.client, site.shard(round_), data.num_classes, bool(asked["confusion"]))
+        scored: dict[str, ConfigRecordValues] = {"json": json.dumps(scores)}
+        if (before := data.before_drift(round_)) is not None:
+            earlier = evaluator.score_client(site.client, before[site.client.client_id], data.num_classes)
+            scored["before_drift"] = json.dumps(earlier)
+        reply["scores"] = ConfigRecord(scored)
     return reply
 
 
