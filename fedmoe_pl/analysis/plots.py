@@ -78,7 +78,8 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path, drift_rounds: list[int]
     low = np.array([r.get("min_acc", r["mean_acc"]) for r in evaluated]) * 100
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(rounds, mean, marker="o", ms=3, lw=1.8, color="C0", label="mean over clients")
-    ax.fill_between(rounds, mean - std, np.minimum(mean + std, 100), color="C0", alpha=0.2, lw=0, label="± std")
+    band = (np.maximum(mean - std, 0), np.minimum(mean + std, 100))
+    ax.fill_between(rounds, *band, color="C0", alpha=0.2, lw=0, label="± std")
     ax.plot(rounds, low, ls=":", color="C3", lw=1.2, label="worst client")
     before = [
         (r["round"], r["mean_acc_before_drift"] * 100) for r in evaluated if r.get("mean_acc_before_drift") is not None
