@@ -129,6 +129,7 @@ def _drift_config(tmp_path: Path, rounds: int, drift: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_drifting_run_reports_forgetting_and_resumes_to_the_uninterrupted_result(tmp_path: Path, capsys) -> None:
     drift = [{"round": 2, "kind": "rotate"}, {"round": 2, "kind": "shift", "invert": True}]
     config = _drift_config(tmp_path, 3, drift)
