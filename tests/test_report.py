@@ -196,3 +196,20 @@ def test_a_link_rate_that_cannot_be_is_refused(tmp_path: Path, capsys) -> None:
         main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out"), "--link-mbps", "0"])
     assert done.value.code == 2 and "up_mbps=0.0 must be a positive number" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_of_methods_alone_names_its_setting_from_the_config(tmp_path: Path) -> None:
+    from fedmoe_pl.analysis.results import load_run
+
+    run = tmp_path / "pfedmoe-seed0"
+    _toy_run(run, 0, [0.5, 0.9], up=1, down=1, fits=1, flops=1.0)
+    (run / "cell.json").write_text(json.dumps({"axes": {"method": "pfedmoe"}, "seed": 0}))
+    config = {
+        "algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE"},
+        "data": {"source": {"class_path": "fedmoe_pl.data.FashionMNIST"}, "num_clients": 50},
+        "client": {"zoo": ["cnn1", "cnn2"]},
+        "federation": {"participation": 0.2},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_run(run)
+    assert (loaded.method, loaded.setting, loaded.seed) == ("pfedmoe", "FashionMNIST-N50-C0.2-hetero", 0)

@@ -126,9 +126,10 @@ def load_run(path: Path) -> Run:
         axes = dict(cell["axes"])
         method = axes.pop("method", None)
         seed = int(cell["seed"])
-        setting = "-".join(axes.values()) or "-"
-        if method is None:
-            method = _describe(run_dir.read_config())[0]
+        setting = "-".join(axes.values())
+        if method is None or not setting:  # a grid of methods alone: the setting its config describes
+            described_method, described_setting = _describe(run_dir.read_config())
+            method, setting = method or described_method, setting or described_setting
     else:
         config = run_dir.read_config()
         method, setting = _describe(config)
