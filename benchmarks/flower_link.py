@@ -32,30 +32,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
+from flower_round import config  # this folder's sibling: the same synthetic pFedMoE run
 
 SERVER, NODE = "10.213.77.1", "10.213.77.2"  # the two ends of the pair (a /30 of its own)
-
-
-def config(folder: Path, rounds: int) -> Path:
-    body = {
-        "seed_everything": 0,
-        "data": {
-            "source": {
-                "class_path": "fedmoe_pl.data.Synthetic",
-                "init_args": {"num_classes": 6, "image_size": 28, "train_per_class": 300, "test_per_class": 50},
-            },
-            "partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
-            "num_clients": 1,
-        },
-        "client": {"zoo": ["cnn1"]},
-        "algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE"},
-        "federation": {"rounds": rounds},
-        "trainer": {"accelerator": "cpu"},
-    }
-    path = folder / "flower-link.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
 
 
 def _run(*argv: str) -> None:
@@ -138,7 +117,7 @@ def main() -> None:
 
     later: dict[float | None, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = config(Path(tmp), args.rounds)
+        path = config(Path(tmp), args.rounds, zoo=("cnn1",))
         for mbps in [None, *args.mbps]:
             folder = Path(tmp) / ("unshaped" if mbps is None else f"{mbps:g}mbps")
             folder.mkdir()

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 
-def config(folder: Path, rounds: int) -> Path:
+def config(folder: Path, rounds: int, zoo: tuple[str, ...] = ("cnn1", "cnn2", "cnn3")) -> Path:
+    """pFedMoE on synthetic 28x28 images, one client per architecture of ``zoo``, every client every round."""
     body = {
         "seed_everything": 0,
         "data": {
@@ -37,9 +38,9 @@ def config(folder: Path, rounds: int) -> Path:
                 "init_args": {"num_classes": 6, "image_size": 28, "train_per_class": 300, "test_per_class": 50},
             },
             "partitioner": {"class_path": "fedmoe_pl.data.Pathological", "init_args": {"classes_per_client": 2}},
-            "num_clients": 3,
+            "num_clients": len(zoo),
         },
-        "client": {"zoo": ["cnn1", "cnn2", "cnn3"]},
+        "client": {"zoo": list(zoo)},
         "algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE"},
         "federation": {"rounds": rounds},
         "trainer": {"accelerator": "cpu"},

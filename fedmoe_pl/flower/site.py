@@ -103,13 +103,13 @@ class Site:
         With a state-dir, the file is written first: if that fails, the message fails and the node
         keeps the state from before it, as the server does."""
         state = self.client.state_dict()
-        before = self.opened if fitted else _state(context, BEFORE_FIT)
         fits = self.fits + int(fitted)
-        if self.stored is not None:
+        if self.stored is not None:  # the file holds what the context will: the state before a fit kept there
+            before = self.opened if fitted else _state(context, BEFORE_FIT)
             _store(self.stored, {"fits": fits, "state": state, "before_fit": before})
         context.state[STATE] = to_record(state)
-        if before is not None:
-            context.state[BEFORE_FIT] = to_record(before)
+        if fitted:
+            context.state[BEFORE_FIT] = to_record(self.opened)
         context.state[FITS] = ConfigRecord({"fits": fits})
 
     def report(self, received: int) -> dict[str, int | float | list[int] | list[float]]:
