@@ -133,3 +133,37 @@ def test_the_loop_imports_no_place_where_clients_live() -> None:
     for module in ("executor", "batched", "distributed", "clients", "evaluation", "data", "in_process", "flower"):
         assert not any(f"fedmoe_pl.{module}" in line for line in imports), module
     assert len(source.splitlines()) <= 220
+
+
+def test_a_stop_that_a_fleet_turned_into_its_own_error_ends_the_run_as_stopped(tmp_path: Path) -> None:
+    import signal
+
+    import pytest
+
+    from fedmoe_pl.errors import Interrupted
+
+    class CleanUpFails(PlainLoopFleet):
+        def end_round(self, round_: int) -> dict[str, Any]:
+            try:
+                raise Interrupted(signal.SIGTERM, final=True)  # the signal, mid-write
+            except Interrupted:
+                raise RuntimeError("the writer's clean-up failed") from None
+
+    source = Synthetic(num_classes=4, train_per_class=10, image_size=16)
+    data = FederatedDataModule(source, Pathological(2), 2, batch_size=16)
+    data.setup(0)
+    algorithm = PFedMoE(gate_hidden=8)
+    fleet = CleanUpFails(data, algorithm, ["cnn5"])
+    summaries: list[dict[str, Any]] = []
+
+    class Keep:
+        def on_run_start(self, fed: Federation) -> None: ...
+        def on_round_end(self, fed: Federation, record: dict[str, Any]) -> None: ...
+        def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
+            summaries.append(summary)
+
+    fed = Federation(FederationConfig(rounds=2, run_dir=str(tmp_path)), algorithm, fleet, seed=0, sinks=[Keep()])
+    with pytest.raises(Interrupted) as stop:
+        fed.run()
+    assert stop.value.final and isinstance(stop.value.__cause__, RuntimeError)
+    assert summaries[0]["status"] == "stopped" and summaries[0]["reason"] == "SIGTERM"

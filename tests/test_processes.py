@@ -14,7 +14,8 @@ from helpers import assert_same_run, fashion_overlay, overlay, tiny_config, writ
 
 from fedmoe_pl.cli import main
 from fedmoe_pl.errors import Interrupted
-from fedmoe_pl.run.signals import StopSignals
+from fedmoe_pl.fleets.clients import ClientFiles
+from fedmoe_pl.run.signals import StopSignals, stop_behind
 
 
 def test_a_signal_during_abandonable_work_interrupts_it_at_once() -> None:
@@ -33,6 +34,38 @@ def test_a_signal_during_a_write_waits_for_it_to_finish() -> None:
             signals.check()
     assert written == ["checkpoint"] and stop.value.name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the old handler is back
+
+
+def test_a_signal_during_a_client_file_write_inside_abandonable_work_waits_for_the_file(tmp_path, monkeypatch) -> None:
+    # A signal inside torch.save used to raise from the middle of it; torch's clean-up then failed
+    # and hid the stop behind a RuntimeError, and a stopped run ended as failed.
+    real_save = torch.save
+
+    def save_with_a_signal(obj, fh):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: inside the write
+        real_save(obj, fh)
+
+    monkeypatch.setattr(torch, "save", save_with_a_signal)
+    files = ClientFiles(tmp_path)
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+    with StopSignals(final=(signal.SIGTERM,)) as signals, pytest.raises(Interrupted) as stop, signals.abandonable():
+        files.write(3, 2, state)
+        time.sleep(5)  # not reached: the stop is raised once the file is whole
+    assert stop.value.final and stop.value.name == "SIGTERM"
+    assert torch.equal(torch.load(tmp_path / "3.r2.pt")["w"], state["w"]) and files.version == {3: 2}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_stop_that_surfaced_as_another_error_is_still_found() -> None:
+    stop = Interrupted(signal.SIGTERM, final=True)
+    try:
+        try:
+            raise stop
+        except Interrupted:
+            raise RuntimeError("a library's clean-up failed") from None
+    except RuntimeError as err:
+        assert stop_behind(err) is stop  # `from None` hides the context from tracebacks, not from __context__
+    assert stop_behind(ValueError("plain")) is None
 
 
 def _fit_command(*argv: str) -> list[str]:

@@ -32,6 +32,7 @@ import torch
 from fedmoe_pl.algorithms import FederatedClient
 from fedmoe_pl.errors import RunError
 from fedmoe_pl.run.rundir import fsync_directory
+from fedmoe_pl.run.signals import uncut
 
 Builder = Callable[[int], FederatedClient]
 
@@ -110,22 +111,23 @@ class ClientFiles:
         if self.directory is None:
             self.version[cid] = round_
             return
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{cid}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())  # the data is on disk before any checkpoint can name it
-            os.replace(tmp, self.directory / f"{cid}.r{round_}.pt")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.version[cid] = round_
-        # Keep this version and those the last two checkpoints name; older files are unreferenced.
-        keep = {round_, self.saved.get(cid, round_), self.saved_before.get(cid, round_)}
-        for stale in self._on_disk.get(cid, set()) - keep:
-            (self.directory / f"{cid}.r{stale}.pt").unlink(missing_ok=True)
-        self._on_disk[cid] = (self._on_disk.get(cid, set()) & keep) | {round_}
+        with uncut():  # a stop signal waits for the file to be whole
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{cid}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    torch.save(state, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # the data is on disk before any checkpoint can name it
+                os.replace(tmp, self.directory / f"{cid}.r{round_}.pt")
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self.version[cid] = round_
+            # Keep this version and those the last two checkpoints name; older files are unreferenced.
+            keep = {round_, self.saved.get(cid, round_), self.saved_before.get(cid, round_)}
+            for stale in self._on_disk.get(cid, set()) - keep:
+                (self.directory / f"{cid}.r{stale}.pt").unlink(missing_ok=True)
+            self._on_disk[cid] = (self._on_disk.get(cid, set()) & keep) | {round_}
 
     def snapshot(self) -> dict[str, Any]:
         """The version map a checkpoint records; the files it names are durable when this returns."""

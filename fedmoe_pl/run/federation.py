@@ -19,11 +19,11 @@ import numpy as np
 
 from fedmoe_pl.aggregation import payload_bytes, payload_numel
 from fedmoe_pl.algorithms import Algorithm, ClientResult
-from fedmoe_pl.errors import ClientFailure, ClientUnreachable, Interrupted, NobodyReported
+from fedmoe_pl.errors import ClientFailure, ClientUnreachable, NobodyReported
 from fedmoe_pl.fleets.fleet import Cohort, Fleet
 from fedmoe_pl.run.rundir import CHECKPOINT_FORMAT, PER_CLIENT, sectioned
 from fedmoe_pl.run.schedule import FederationConfig, clients_per_round, dropped_clients, fit_seed, sample_clients
-from fedmoe_pl.run.signals import StopSignals
+from fedmoe_pl.run.signals import StopSignals, stop_behind
 from fedmoe_pl.run.sinks import Sink
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,13 @@ class Federation:
             if self.totals["reported"] == 0:
                 raise NobodyReported(self.round, self.round)
             status = "completed"
-        except Interrupted as stop:
-            stop.round, reason = self.round, stop.name
-            status = "stopped" if stop.final else "interrupted"
-            raise
         except BaseException as err:
-            reason = f"{type(err).__name__}: {err}"
-            raise
+            stop = stop_behind(err)  # also a stop that code between the signal and here made its own error
+            if stop is None:
+                reason = f"{type(err).__name__}: {err}"
+                raise
+            stop.round, reason, status = self.round, stop.name, "stopped" if stop.final else "interrupted"
+            raise stop from (None if stop is err else err)
         finally:
             summary = self.summary(status, reason)
             for sink in self.sinks:

@@ -22,6 +22,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # SIGUSR1 stays a preemption: Slurm sends it before a time limit, and the run requeues itself.
 AGENT_STOPS = (signal.SIGTERM, signal.SIGINT)
 
+_active: list[StopSignals] = []  # the handlers in force, innermost last (signal handlers run in the main thread)
+
 
 class StopSignals:
     """Catch the stop signals while active (a context manager); restore the old handlers after.
@@ -44,12 +46,15 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # signal.signal's rule
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            _active.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self in _active:
+            _active.remove(self)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
@@ -72,3 +77,37 @@ class StopSignals:
             yield
         finally:
             self._abandonable = False
+
+
+@contextmanager
+def uncut() -> Iterator[None]:
+    """A write inside abandonable work (a client's file saved mid-round) that a stop signal must not cut.
+
+    A signal that arrives during it is acted on once it is done. Raising from the middle of a
+    library's write (``torch.save``) can make the library's own clean-up fail and hide the stop
+    behind that error, so that a stopped run would report itself failed.
+    """
+    if not _active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = _active[-1]
+    was = stops._abandonable
+    stops._abandonable = False
+    try:
+        yield
+    finally:
+        stops._abandonable = was and stops.signum is None
+    if was and stops.signum is not None:
+        raise Interrupted(stops.signum, stops.signum in stops.final)
+
+
+def stop_behind(err: BaseException) -> Interrupted | None:
+    """The stop signal an error was raised while handling, if any: a stop that surfaced as another error."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Interrupted):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
