@@ -19,6 +19,7 @@ import numpy as np
 
 from fedmoe_pl.aggregation import Payload, weighted_mean
 from fedmoe_pl.algorithms.client import ClientConfig, ClientContext, FederatedClient
+from fedmoe_pl.models import ModelSpec
 from fedmoe_pl.run.schedule import SERVER_STREAM, FederationConfig
 
 
@@ -81,6 +82,11 @@ class Algorithm(ABC):
 
     def check_federation(self, federation: FederationConfig) -> None:  # noqa: B027 (optional hook)
         """Refuse round settings (local epochs, ...) the method cannot run with, before any data is loaded."""
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The zoo models the method itself names (besides the clients' zoo), by setting name, so that
+        one that cannot read the data's inputs is refused before anything is written."""
+        return {}
 
     @abstractmethod
     def build_client(self, ctx: ClientContext) -> FederatedClient:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe_pl.aggregation import Payload
-from fedmoe_pl.models import ModelSpec, build_model, check_model_spec
+from fedmoe_pl.inputs import ImageInput, InputSpec
+from fedmoe_pl.models import SMALL_MODEL, ModelSpec, build_model, check_model_spec
 from fedmoe_pl.run.trainer_settings import StepRules
 
 DEFAULT_ZOO: list[ModelSpec] = ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
@@ -57,7 +58,11 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class ClientContext:
-    """What a method needs to know to build client ``client_id``."""
+    """What a method needs to know to build client ``client_id``.
+
+    ``inputs`` describes one sample of the client's data; left out, it is an image of
+    ``in_channels`` x ``image_size`` x ``image_size`` (the two are 0 for other inputs).
+    """
 
     client_id: int
     model: ModelSpec
@@ -65,10 +70,25 @@ class ClientContext:
     image_size: int
     num_classes: int
     config: ClientConfig
+    inputs: InputSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            object.__setattr__(self, "inputs", ImageInput(self.in_channels, self.image_size))
+
+    @property
+    def sample(self) -> InputSpec:
+        """The description of one input sample (``inputs``, filled in)."""
+        assert self.inputs is not None  # set in __post_init__
+        return self.inputs
+
+    def small_model(self, spec: ModelSpec | None) -> ModelSpec:
+        """``spec``, or where it is None the smallest zoo model for this client's inputs (CNN-5 for images)."""
+        return spec if spec is not None else SMALL_MODEL[self.sample.kind]
 
     def build(self, spec: ModelSpec | None = None) -> Any:
-        """A zoo model (this client's own unless ``spec`` names another) for this client's data shape."""
-        return build_model(spec or self.model, self.in_channels, self.image_size, self.num_classes)
+        """A zoo model (this client's own unless ``spec`` names another) for this client's data."""
+        return build_model(spec or self.model, num_classes=self.num_classes, inputs=self.sample)
 
 
 def state_payload(module: nn.Module) -> Payload:

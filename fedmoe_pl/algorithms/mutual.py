@@ -44,16 +44,21 @@ class MutualAlgorithm(Algorithm):
     """Builds (private, shared) pairs; averages the shared models by sample count.
 
     Args:
-        shared_model: zoo model every client holds a copy of.
+        shared_model: zoo model every client holds a copy of; None: the smallest model of the data's
+            zoo (CNN-5 for images, MLP-5 for tabular rows).
     """
 
-    def __init__(self, shared_model: ModelSpec = "cnn5") -> None:
-        check_model_spec(shared_model)
+    def __init__(self, shared_model: ModelSpec | None = None) -> None:
+        if shared_model is not None:
+            check_model_spec(shared_model)
         self.shared_model = shared_model
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        return {} if self.shared_model is None else {"shared_model": self.shared_model}
 
     def models(self, ctx: ClientContext) -> tuple[nn.Module, nn.Module]:
         """A client's (private, shared) pair."""
-        return ctx.build(), ctx.build(self.shared_model)
+        return ctx.build(), ctx.build(ctx.small_model(self.shared_model))
 
 
 # -- FML ----------------------------------------------------------------------------------------
@@ -83,12 +88,12 @@ class FML(MutualAlgorithm):
     Inference uses the private model.
 
     Args:
-        shared_model: zoo model used as the shared meme model.
+        shared_model: zoo model used as the shared meme model (None: CNN-5 / MLP-5, as the data).
         alpha: CE weight of the private model's loss.
         beta: CE weight of the meme model's loss.
     """
 
-    def __init__(self, shared_model: ModelSpec = "cnn5", alpha: float = 0.5, beta: float = 0.5) -> None:
+    def __init__(self, shared_model: ModelSpec | None = None, alpha: float = 0.5, beta: float = 0.5) -> None:
         super().__init__(shared_model)
         check_number("FML", "alpha", alpha, 0.0, 1.0)
         check_number("FML", "beta", beta, 0.0, 1.0)
@@ -140,7 +145,7 @@ class FedAPEN(MutualAlgorithm):
     which keeps it from influencing either model and needs no data held out.
 
     Args:
-        shared_model: zoo model used as the shared model.
+        shared_model: zoo model used as the shared model (None: CNN-5 / MLP-5, as the data).
     """
 
     def build_client(self, ctx: ClientContext) -> FedAPENClient:
@@ -229,13 +234,16 @@ class FedKD(MutualAlgorithm):
     losses (the paper's adaptive weight).
 
     Args:
-        shared_model: zoo model used as the shared student.
+        shared_model: zoo model used as the shared student (None: CNN-5 / MLP-5, as the data).
         svd_energy: T in round 1; ``None`` sends full tensors.
         svd_energy_end: T in the last round; ``None`` keeps ``svd_energy`` throughout.
     """
 
     def __init__(
-        self, shared_model: ModelSpec = "cnn5", svd_energy: float | None = None, svd_energy_end: float | None = 0.98
+        self,
+        shared_model: ModelSpec | None = None,
+        svd_energy: float | None = None,
+        svd_energy_end: float | None = 0.98,
     ) -> None:
         super().__init__(shared_model)
         for name, value in (("svd_energy", svd_energy), ("svd_energy_end", svd_energy_end)):

@@ -74,7 +74,8 @@ class PFedMoE(Algorithm):
     """pFedMoE's rules: build each client's local MoE; average the global experts by sample count.
 
     Args:
-        global_expert: zoo model whose extractor is the shared global expert (paper: CNN-5).
+        global_expert: zoo model whose extractor is the shared global expert; None: the smallest
+            model of the data's zoo (CNN-5, the paper's choice, for images; MLP-5 for tabular rows).
         gate_hidden: hidden width of the gating network (the paper gives none; see the gate).
         gate_norm: normalization at the gate's input (paper: Switchable Normalization).
         gate_lr: a separate learning rate for the gate; ``None`` uses the clients' lr.
@@ -82,12 +83,13 @@ class PFedMoE(Algorithm):
 
     def __init__(
         self,
-        global_expert: ModelSpec = "cnn5",
+        global_expert: ModelSpec | None = None,
         gate_hidden: int = 64,
         gate_norm: GateNorm = "switch",
         gate_lr: float | None = None,
     ) -> None:
-        check_model_spec(global_expert)
+        if global_expert is not None:
+            check_model_spec(global_expert)
         if gate_lr is not None:
             check_number("PFedMoE", "gate_lr", gate_lr, 0.0, open_low=True)
         self.global_expert = global_expert
@@ -95,14 +97,17 @@ class PFedMoE(Algorithm):
         self.gate_norm: GateNorm = gate_norm
         self.gate_lr = gate_lr
 
+    def model_specs(self) -> dict[str, ModelSpec]:
+        return {} if self.global_expert is None else {"global_expert": self.global_expert}
+
     def build_client(self, ctx: ClientContext) -> PFedMoEClient:
         local_expert, head = parts(ctx.build())
-        global_expert, _ = parts(ctx.build(self.global_expert))
+        global_expert, _ = parts(ctx.build(ctx.small_model(self.global_expert)))
         moe = LocalMoE(
             global_expert=global_expert,
             local_expert=local_expert,
             head=head,
-            in_features=ctx.in_channels * ctx.image_size**2,
+            in_features=ctx.sample.gate_features,
             gate_hidden=self.gate_hidden,
             gate_norm=self.gate_norm,
         )

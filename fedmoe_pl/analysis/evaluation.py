@@ -1,7 +1,8 @@
 """Evaluation: each client's model on its own test set, scored with torchmetrics in this one place.
 
 Per client: accuracy, per-class accuracy (the classes in its test set) and, in the last round,
-a confusion matrix. Over clients: mean, sample-weighted mean, std and minimum; clients with an
+a confusion matrix, and balanced accuracy (the mean of the per-class accuracies). Over clients: mean,
+sample-weighted mean, std and minimum, and the mean balanced accuracy; clients with an
 empty test shard are left out of every average and listed. For a method whose clients report
 per-sample gate weights (an extra named ``gate_*``, as pFedMoE's weight on the global expert),
 the weights are summarised per (client, class) — mean and quantiles — and as a histogram, with
@@ -117,14 +118,21 @@ def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confus
     ids = sorted(per_client)
     accs = np.array([per_client[cid]["acc"] for cid in ids])
     counts = np.array([per_client[cid]["n"] for cid in ids])
+    # Balanced accuracy: the mean of a client's per-class accuracies over the classes in its test set,
+    # which a client whose labels are imbalanced cannot raise by predicting its majority class.
+    balanced = np.array([np.mean(list(per_client[cid]["class_acc"].values())) for cid in ids])
     out.update(
         mean_acc=float(accs.mean()),
         weighted_acc=float((accs * counts).sum() / counts.sum()),
         std_acc=float(accs.std()),
         min_acc=float(accs.min()),
+        mean_balanced_acc=float(balanced.mean()),
     )
     sections: dict[str, dict[str, Any]] = {
-        PER_CLIENT: {"client_acc": {str(cid): per_client[cid]["acc"] for cid in ids}},
+        PER_CLIENT: {
+            "client_acc": {str(cid): per_client[cid]["acc"] for cid in ids},
+            "client_balanced_acc": {str(cid): float(b) for cid, b in zip(ids, balanced)},
+        },
         PER_CLIENT_CLASS: {"client_class_acc": {str(cid): per_client[cid]["class_acc"] for cid in ids}},
         HISTOGRAMS: {},
     }

@@ -30,7 +30,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"partition {report['fingerprint']}", head, "-" * len(head)]
     for i in range(len(train)):
         cells = " ".join(f"{n:>5}" for n in train[i])
-        lines.append(f"{i:>6} | {cells} | {train[i].sum():>5} {test[i].sum():>5} {(train[i] > 0).sum():>7}")
+        site = f"  {report['clients'][i]['site']}" if "site" in report["clients"][i] else ""
+        lines.append(f"{i:>6} | {cells} | {train[i].sum():>5} {test[i].sum():>5} {(train[i] > 0).sum():>7}{site}")
     lines.append(
         f"{'total':>6} | " + " ".join(f"{n:>5}" for n in train.sum(0)) + f" | {train.sum():>5} {test.sum():>5}"
     )
@@ -57,7 +58,9 @@ def save_heatmap(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(k), names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
     step = max(1, counts.shape[0] // 25)
     held = (counts > 0).sum(1)
-    ax.set_yticks(range(0, counts.shape[0], step), [f"{i} ({held[i]})" for i in range(0, counts.shape[0], step)])
+    sites = {row["id"]: f" {row['site']}" for row in report["clients"] if "site" in row}
+    rows = range(0, counts.shape[0], step)
+    ax.set_yticks(rows, [f"{i}{sites.get(i, '')} ({held[i]})" for i in rows])
     ax.set_xlabel("class")
     ax.set_ylabel("client (classes it holds)")
     ax.set_title(f"Training samples per client and class (partition {report['fingerprint']})")

@@ -34,6 +34,7 @@ class Run:
     summary: dict[str, Any]
     rounds: list[int] = field(default_factory=list)
     accs: list[float] = field(default_factory=list)
+    final_balanced: float | None = None  # the last evaluation's mean balanced accuracy (None: not recorded)
 
     def rounds_to(self, target: float) -> int | None:
         return next((r for r, a in zip(self.rounds, self.accs) if a >= target), None)
@@ -139,6 +140,7 @@ def load_run(path: Path) -> Run:
         if row.get("mean_acc") is not None:
             run.rounds.append(int(row["round"]))
             run.accs.append(float(row["mean_acc"]))
+            run.final_balanced = row.get("mean_balanced_acc")
     return run
 
 
@@ -165,6 +167,9 @@ def summarise(runs: list[Run], target: float, links: Sequence[Link] = ()) -> lis
             row: dict[str, Any] = {"setting": setting, "method": method, "seeds": " ".join(str(r.seed) for r in group)}
             for key in ("final_mean_acc", "best_mean_acc", "wall_s"):
                 row[key], row[f"{key}_std"] = _stats([r.summary[key] for r in group])
+            balanced = [r.final_balanced for r in group]
+            if all(b is not None for b in balanced):
+                row["final_balanced_acc"], row["final_balanced_acc_std"] = _stats(balanced)  # type: ignore[arg-type]
             reached = [r.rounds_to(target) for r in group]
             hits = [x for x in reached if x is not None]
             row["rounds_to_target"], row["rounds_to_target_std"] = _stats(hits) if hits else (math.nan, math.nan)
@@ -214,6 +219,22 @@ def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run], link
             for s in settings
         ]
         out.append(f"| {m} | " + " | ".join(values) + " |")
+    if any("final_balanced_acc" in r for r in rows):
+        out += [
+            "",
+            "## Final mean client balanced accuracy (%: each client's mean per-class accuracy), mean ± std over seeds",
+            "",
+            "| method | " + " | ".join(settings) + " |",
+            "|---|" + "---:|" * len(settings),
+        ]
+        for m in methods:
+            values = [
+                _pm(cell[(s, m)]["final_balanced_acc"], cell[(s, m)]["final_balanced_acc_std"])
+                if "final_balanced_acc" in cell.get((s, m), {})
+                else ""
+                for s in settings
+            ]
+            out.append(f"| {m} | " + " | ".join(values) + " |")
     for s in settings:
         out += [
             "",
@@ -304,7 +325,7 @@ def write_report(
     make_folder(output, "--output")
     (output / "report.md").write_text(markdown(rows, target, skipped, links))
     with open(output / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))  # some lack balanced
         writer.writeheader()
         writer.writerows(rows)
     plots = plot_curves(done, output)

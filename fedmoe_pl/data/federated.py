@@ -14,9 +14,10 @@ import torch
 
 from fedmoe_pl.data.client import ClientDataModule
 from fedmoe_pl.data.drift import Drift, Schedule, keep, shift_images
-from fedmoe_pl.data.partition import Partitioner, assign, scale_counts
+from fedmoe_pl.data.partition import Natural, Partitioner, assign, scale_counts
 from fedmoe_pl.data.sources import Source, SourceData
-from fedmoe_pl.data.transforms import BatchTransform
+from fedmoe_pl.data.transforms import BatchTransform, FeatureTransform, Unchanged
+from fedmoe_pl.inputs import ImageInput, InputSpec, TabularInput
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ class FederatedDataModule:
     """Owns the data source, its partition into client shards, and the client data modules.
 
     Args:
-        source: where the images come from.
-        partitioner: how classes are spread over clients.
+        source: where the data comes from (images, table rows or texts).
+        partitioner: how classes are spread over clients (``Natural``: one client per site of the data).
         num_clients: N, the number of clients.
         split: ``paper`` partitions the official train and test sets with the same class
             assignment; ``pooled`` (PFLlib/HtFLlib/FL-bench) pools both, partitions the pool and
@@ -108,29 +109,48 @@ class FederatedDataModule:
         self._phases: dict[int, Shards] = {}
         self.fingerprint = ""
         self.num_classes = self.in_channels = self.image_size = 0
+        self.inputs: InputSpec | None = None  # one sample's description, known after setup
         self.classes: list[str] = []
+        self.sites: list[str] | None = None  # the client's site names under the Natural partition
 
     def setup(self, seed: int) -> None:
         """Load the source and build every client's shard; the partition depends only on ``seed``."""
         data = self.source.load()
         self.num_classes, self.in_channels, self.image_size = data.num_classes, data.in_channels, data.image_size
+        self.inputs = data.sample
         self.classes = data.classes or [str(c) for c in range(data.num_classes)]
         self.partitioner.check(data.num_classes, self.num_clients)
+        natural = isinstance(self.partitioner, Natural)
+        if natural:
+            self.sites = Natural.check_sites(data.sites, self.num_clients, type(self.source).__name__)
+        if self.drift and not isinstance(data.sample, ImageInput) and any(c.kind == "shift" for c in self.drift):
+            raise ValueError(
+                f"data.drift: a shift change (rotation, noise, invert) transforms images, but the data gives "
+                f"{data.sample.describe()}; use rotate or arrive changes"
+            )
         rng = np.random.default_rng(np.random.SeedSequence([seed, PARTITION_STREAM]))
         if self.split == "paper":
             train_x, train_y, test_x, test_y = data.train_images, data.train_labels, data.test_images, data.test_labels
-            train_idx, test_idx = self._partition_paper(data, rng)
+            if natural:
+                train_idx, test_idx = (Natural.split(sites, self.num_clients) for sites in self._sites(data))
+            else:
+                train_idx, test_idx = self._partition_paper(data, rng)
         else:
             train_x = test_x = torch.cat([data.train_images, data.test_images])
             train_y = test_y = torch.cat([data.train_labels, data.test_labels])
-            train_idx, test_idx = self._partition_pooled(train_y.numpy(), data.num_classes, rng)
+            if natural:
+                train_idx, test_idx = self._split_shares(
+                    Natural.split(np.concatenate(self._sites(data)), self.num_clients), rng
+                )
+            else:
+                train_idx, test_idx = self._partition_pooled(train_y.numpy(), data.num_classes, rng)
         for i, idx in enumerate(train_idx):
             if len(idx) == 0:
                 raise ValueError(
                     f"client {i} received no training samples with num_clients={self.num_clients}; "
                     "lower num_clients or pick a partitioner that spreads classes more widely"
                 )
-        train_tf, eval_tf = self._transforms(data)
+        train_tf, eval_tf = self._transforms(data, train_x, train_idx)
         train_labels, test_labels = train_y.numpy(), test_y.numpy()
         schedule = self.schedule = Schedule(self.drift, self.num_clients)
         schedule.check_classes(data.num_classes)
@@ -202,20 +222,39 @@ class FederatedDataModule:
         test_counts = scale_counts(train_counts, np.bincount(test_y, minlength=data.num_classes), rng)
         return assign(train_y, train_counts, rng), assign(test_y, test_counts, rng)
 
+    @staticmethod
+    def _sites(data: SourceData) -> tuple[np.ndarray, np.ndarray]:
+        if data.train_sites is None or data.test_sites is None:
+            raise ValueError("the source names sites but not the site of every sample")
+        return np.asarray(data.train_sites), np.asarray(data.test_sites)
+
     def _partition_pooled(
         self, labels: np.ndarray, num_classes: int, rng: np.random.Generator
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         self._check_size(len(labels))
         counts = self.partitioner.counts(np.bincount(labels, minlength=num_classes), self.num_clients, rng)
+        return self._split_shares(assign(labels, counts, rng), rng)
+
+    def _split_shares(
+        self, shares: list[np.ndarray], rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each client's share of the pool, cut into train and test by ``train_fraction``."""
         train_idx, test_idx = [], []
-        for share in assign(labels, counts, rng):
+        for share in shares:
             share = rng.permutation(share)
             cut = round(self.train_fraction * len(share))
             train_idx.append(np.sort(share[:cut]))
             test_idx.append(np.sort(share[cut:]))
         return train_idx, test_idx
 
-    def _transforms(self, data: SourceData) -> tuple[BatchTransform, BatchTransform]:
+    def _transforms(self, data: SourceData, train_x: torch.Tensor, train_idx: list[np.ndarray]) -> tuple[Any, Any]:
+        """The training and evaluation transforms. Table rows are standardized with the statistics of
+        the clients' training rows (``train_x`` at ``train_idx``); images keep the dataset's channel statistics."""
+        if isinstance(data.sample, TabularInput):
+            features = FeatureTransform.fit(train_x[torch.from_numpy(np.concatenate(train_idx))])
+            return features, features
+        if not isinstance(data.sample, ImageInput):
+            return Unchanged(), Unchanged()
         mean, std = data.channel_stats()
         augment = self.augment if self.augment is not None else data.in_channels == 3
         pad = 4 if augment and data.image_size >= 32 else (2 if augment else 0)
@@ -240,7 +279,11 @@ class FederatedDataModule:
             counts = np.bincount(labels, minlength=self.num_classes).tolist()
             return {str(c): n for c, n in enumerate(counts) if n}
 
-        return [{"id": i, "train": table(tr), "test": table(te)} for i, (tr, te) in enumerate(self._labels)]
+        sites = self.sites or []
+        return [
+            {"id": i, **({"site": sites[i]} if i < len(sites) else {}), "train": table(tr), "test": table(te)}
+            for i, (tr, te) in enumerate(self._labels)
+        ]
 
     def sizes(self, cid: int) -> tuple[int, int]:
         """Client ``cid``'s training and test samples (its shard is not cut to count them)."""

@@ -175,6 +175,36 @@ class Dirichlet(Partitioner):
         return out
 
 
+class Natural(Partitioner):
+    """Each site of the data (a hospital, say) is one client, with all of its samples: the federation
+    the data already is. Needs a source whose samples name their site (``HeartDisease``) and
+    ``num_clients`` equal to its number of sites; client ``i`` is site ``i`` in the source's order.
+    """
+
+    def counts(self, class_counts: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+        raise TypeError("the Natural partition follows the data's sites, not class counts; see FederatedDataModule")
+
+    @staticmethod
+    def check_sites(sites: list[str] | None, num_clients: int, source: str) -> list[str]:
+        """The data's site names, once they are known to make ``num_clients`` clients."""
+        if not sites:
+            raise ValueError(
+                f"data.partitioner Natural makes one client per site of the data, but {source} has no sites; "
+                "use Pathological, Dirichlet or IID"
+            )
+        if num_clients != len(sites):
+            raise ValueError(
+                f"data.partitioner Natural makes one client per site and the data has {len(sites)} "
+                f"({', '.join(sites)}), but num_clients={num_clients}; set data.num_clients: {len(sites)}"
+            )
+        return sites
+
+    @staticmethod
+    def split(sites: np.ndarray, num_clients: int) -> list[np.ndarray]:
+        """Each client's sorted sample indices: those of its site."""
+        return [np.flatnonzero(sites == i).astype(np.int64) for i in range(num_clients)]
+
+
 def scale_counts(reference: np.ndarray, class_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Counts for another set (the test set) with each class split like ``reference``'s column."""
     return np.stack(

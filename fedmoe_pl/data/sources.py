@@ -1,4 +1,4 @@
-"""Dataset sources: each loads a whole dataset once into memory as uint8 image tensors.
+"""Dataset sources: each loads a whole dataset once into memory as tensors (images: uint8).
 
 This module holds the interface and the torchvision datasets; :mod:`fedmoe_pl.data.local_sources`
 holds sources that need no download (an image folder, synthetic data).
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from fedmoe_pl.inputs import ImageInput, InputSpec
+
 log = logging.getLogger(__name__)
 
 # Where Debian's `dataset-fashion-mnist` package installs the four original idx files.
@@ -33,7 +35,14 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass
 class SourceData:
-    """A dataset in memory: uint8 images (N, C, H, W), int64 labels (N,), and its description."""
+    """A dataset in memory: inputs, int64 labels (N,), and its description.
+
+    The inputs keep the name ``*_images`` from when every source gave images: uint8 images
+    (N, C, H, W), float32 table rows (N, F) with NaN where a value is missing, or int64 token ids
+    (N, L). ``inputs`` describes one sample; left out, the tensors are images. ``train_sites`` /
+    ``test_sites`` name the site (a hospital, say) each sample comes from, where the data has
+    sites, for the ``Natural`` partition; ``sites`` are their names.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -42,14 +51,30 @@ class SourceData:
     num_classes: int
     identity: str  # names the data for the partition fingerprint
     classes: list[str] | None = None  # class names, where the source has them
+    inputs: InputSpec | None = None
+    train_sites: np.ndarray | None = None  # (N,) site index of each training sample
+    test_sites: np.ndarray | None = None
+    sites: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            self.inputs = ImageInput(int(self.train_images.shape[1]), int(self.train_images.shape[-1]))
+
+    @property
+    def sample(self) -> InputSpec:
+        """The description of one input sample (``inputs``, filled in)."""
+        assert self.inputs is not None  # set in __post_init__
+        return self.inputs
 
     @property
     def in_channels(self) -> int:
-        return int(self.train_images.shape[1])
+        """Image channels (0 for inputs that are not images)."""
+        return self.sample.channels if isinstance(self.sample, ImageInput) else 0
 
     @property
     def image_size(self) -> int:
-        return int(self.train_images.shape[-1])
+        """Image side (0 for inputs that are not images)."""
+        return self.sample.size if isinstance(self.sample, ImageInput) else 0
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, on the [0, 1] scale."""

@@ -1,4 +1,4 @@
-"""Batched image transforms on uint8 tensors.
+"""Batched transforms: images on uint8 tensors (normalize, crop, flip), table rows (standardize).
 
 Per-sample PIL transforms cost about 40% of a small CNN's epoch; doing the same ops once per batch,
 on whatever device the batch sits on, makes them nearly free. Random draws come from a CPU
@@ -67,3 +67,46 @@ class BatchTransform:
         if self.mean.device != x.device:  # moved once, not per batch
             self.mean, self.std = to_device(self.mean, x.device), to_device(self.std, x.device)
         return (x.float() - self.mean) / self.std
+
+
+class FeatureTransform:
+    """Float rows (B, F) with NaN for missing values -> standardized rows, a missing value as 0.
+
+    0 is the feature's mean after standardizing, so a missing value is filled with the mean of the
+    rows the statistics came from (the clients' training rows: no test row is looked at). A feature
+    without spread there (constant, or missing in all of them) is only centred.
+
+    Args:
+        mean: per-feature mean of the training rows, missing values left out.
+        std: per-feature standard deviation of the same rows.
+    """
+
+    augments = False
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1)
+        self.std = torch.tensor([s if s > 0 else 1.0 for s in std], dtype=torch.float32).view(1, -1)
+
+    @classmethod
+    def fit(cls, rows: torch.Tensor) -> FeatureTransform:
+        """Statistics of ``rows`` (N, F), each feature over the rows where it is present."""
+        x = rows.double()
+        present = ~torch.isnan(x)
+        n = present.sum(0).clamp(min=1)
+        mean = torch.where(present, x, 0.0).sum(0) / n
+        var = torch.where(present, (x - mean) ** 2, 0.0).sum(0) / n
+        return cls(mean.tolist(), var.sqrt().tolist())
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        if self.mean.device != x.device:
+            self.mean, self.std = to_device(self.mean, x.device), to_device(self.std, x.device)
+        return torch.nan_to_num((x.float() - self.mean) / self.std, nan=0.0)  # (B, F)
+
+
+class Unchanged:
+    """Inputs as they are (token ids)."""
+
+    augments = False
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        return x

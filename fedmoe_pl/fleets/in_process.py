@@ -39,7 +39,8 @@ def client_builder(
     def build(cid: int) -> FederatedClient:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(client_seed(seed, cid))
-            return algorithm.build_client(ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg))
+            ctx = ClientContext(cid, client_cfg.model_for(cid), *dims, client_cfg, inputs=data.inputs)
+            return algorithm.build_client(ctx)
 
     return build
 

@@ -1,15 +1,19 @@
-"""Plain ``nn.Module`` models: the CNN zoo, the gate and the local mixture of experts."""
+"""Plain ``nn.Module`` models: the CNN and MLP zoos, the gate and the local mixture of experts."""
 
 from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES, CNNExtractor, CNNShape
 from fedmoe_pl.models.gate import GateNorm, GatingNetwork
+from fedmoe_pl.models.mlp import MLP, MLP_SHAPES, MLPExtractor, MLPShape
 from fedmoe_pl.models.moe import LocalMoE
 from fedmoe_pl.models.registry import (
+    SMALL_MODEL,
     ModelSpec,
     ZooModel,
     available_models,
     build_model,
+    check_model_kind,
     check_model_spec,
     contract_gaps,
+    model_kind,
     model_name,
     parts,
     register_model,
@@ -23,14 +27,21 @@ __all__ = [
     "GateNorm",
     "GatingNetwork",
     "LocalMoE",
+    "MLP",
+    "MLPExtractor",
+    "MLPShape",
+    "MLP_SHAPES",
     "ModelSpec",
+    "SMALL_MODEL",
     "SwitchNorm1d",
     "ZOO_SHAPES",
     "ZooModel",
     "available_models",
     "build_model",
+    "check_model_kind",
     "check_model_spec",
     "contract_gaps",
+    "model_kind",
     "model_name",
     "parts",
     "register_model",

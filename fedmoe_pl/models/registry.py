@@ -15,7 +15,9 @@ from typing import Any, Protocol, Union
 import torch
 from torch import nn
 
+from fedmoe_pl.inputs import ImageInput, InputKind, InputSpec
 from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES
+from fedmoe_pl.models.mlp import MLP, MLP_SHAPES
 
 ModelSpec = Union[str, dict[str, Any]]  # noqa: UP007 (a runtime alias jsonargparse reads)
 ModelFactory = Callable[..., nn.Module]
@@ -24,7 +26,7 @@ ModelFactory = Callable[..., nn.Module]
 class ZooModel(Protocol):
     """What the algorithms need from a client model (for type checkers; :func:`contract_gaps` checks it at run time)."""
 
-    extractor: nn.Module  # image -> (B, feature_dim)
+    extractor: nn.Module  # input -> (B, feature_dim)
     head: nn.Module  # (B, feature_dim) -> (B, num_classes)
 
     @property
@@ -36,17 +38,32 @@ class ZooModel(Protocol):
 
 
 _REGISTRY: dict[str, ModelFactory] = {}
+_KIND: dict[str, InputKind] = {}  # the input kind each registered model reads
+#: The small model whose extractor is shared where a method shares one (pFedMoE's global expert,
+#: the mutual-learning methods' shared model) unless the config names another: the zoo's smallest.
+SMALL_MODEL: dict[InputKind, str] = {"image": "cnn5", "tabular": "mlp5", "text": "bag"}
 
 
-def register_model(name: str, factory: ModelFactory) -> None:
-    """Make ``factory(in_channels=, image_size=, num_classes=)`` selectable as ``name``."""
+def register_model(name: str, factory: ModelFactory, kind: InputKind = "image") -> None:
+    """Make ``factory`` selectable as ``name`` for inputs of ``kind``.
+
+    The factory takes ``num_classes`` and the input description's keyword arguments
+    (:meth:`~fedmoe_pl.inputs.ImageInput.model_args`): ``in_channels`` and ``image_size`` for
+    images, ``num_features`` for tabular rows, ``vocab_size`` and ``seq_len`` for text.
+    """
     if name in _REGISTRY:
         raise ValueError(f"a model named {name!r} is already registered; choose another name")
-    _REGISTRY[name] = factory
+    _REGISTRY[name], _KIND[name] = factory, kind
 
 
-def available_models() -> list[str]:
-    return sorted(_REGISTRY)
+def available_models(kind: InputKind | None = None) -> list[str]:
+    """The registered names (of models for inputs of ``kind``, if given)."""
+    return sorted(name for name in _REGISTRY if kind is None or _KIND[name] == kind)
+
+
+def model_kind(spec: ModelSpec) -> InputKind | None:
+    """The input kind a registered model reads (None for a class_path model: it declares none)."""
+    return _KIND.get(spec) if isinstance(spec, str) else None
 
 
 def _cnn_factory(name: str) -> ModelFactory:
@@ -56,8 +73,17 @@ def _cnn_factory(name: str) -> ModelFactory:
     return build
 
 
+def _mlp_factory(name: str) -> ModelFactory:
+    def build(num_features: int, num_classes: int) -> nn.Module:
+        return MLP(MLP_SHAPES[name], num_features, num_classes)
+
+    return build
+
+
 for _name in ZOO_SHAPES:
     register_model(_name, _cnn_factory(_name))
+for _name in MLP_SHAPES:
+    register_model(_name, _mlp_factory(_name), kind="tabular")
 
 
 def _import_class(class_path: str) -> type:
@@ -115,14 +141,45 @@ def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return extractor, head
 
 
-def build_model(spec: ModelSpec, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """Build a client model for data of the given shape."""
+def check_model_kind(spec: ModelSpec, inputs: InputSpec, where: str | None = None) -> None:
+    """Refuse a registered model that reads another kind of input than the data gives."""
+    kind = model_kind(spec)
+    if kind is not None and kind != inputs.kind:
+        raise ValueError(
+            f"{where + ': ' if where else ''}model {spec!r} reads {kind} inputs but the data gives "
+            f"{inputs.describe()}; "
+            f"use one of {available_models(inputs.kind)} (for a method that trains one architecture, e.g. "
+            f"--client.zoo '[{available_models(inputs.kind)[0]}]')"
+        )
+
+
+def build_model(
+    spec: ModelSpec,
+    in_channels: int = 0,
+    image_size: int = 0,
+    num_classes: int = 10,
+    *,
+    inputs: InputSpec | None = None,
+) -> nn.Module:
+    """Build a client model for the data: ``inputs`` describes one sample (by default images of
+    ``in_channels`` x ``image_size`` x ``image_size``)."""
     check_model_spec(spec)
-    dims = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+    inputs = inputs or ImageInput(in_channels, image_size)
+    check_model_kind(spec, inputs)
+    dims = {**inputs.model_args(), "num_classes": num_classes}
     if isinstance(spec, str):
         model = _REGISTRY[spec](**dims)
     else:
-        model = _import_class(spec["class_path"])(**dims, **spec.get("init_args", {}))
+        cls = _import_class(spec["class_path"])
+        try:
+            model = cls(**dims, **spec.get("init_args", {}))
+        except TypeError as err:
+            if "argument" not in str(err):
+                raise
+            raise TypeError(
+                f"model {model_name(spec)!r} cannot be built for {inputs.describe()}: {err}. A zoo class takes "
+                f"num_classes and {', '.join(inputs.model_args())} as keyword arguments"
+            ) from err
     gaps = contract_gaps(model)
     if gaps:
         raise TypeError(

@@ -25,6 +25,7 @@ from fedmoe_pl.fleets.clients import ClientPool, DiskClients, MemoryClients, dam
 from fedmoe_pl.fleets.distributed import DistributedExecutor, ProcessGroup, SingleProcessEnvironment
 from fedmoe_pl.fleets.executor import Executor, SequentialExecutor
 from fedmoe_pl.fleets.in_process import InProcessFleet
+from fedmoe_pl.models import check_model_kind
 from fedmoe_pl.run.federation import Federation, FederationConfig
 from fedmoe_pl.run.rundir import CONFIG, PARTITION, PREVIOUS_CHECKPOINT, SUMMARY, RunDirectory
 from fedmoe_pl.run.signals import AGENT_STOPS, StopSignals
@@ -203,6 +204,11 @@ def _checks(exp: Experiment, resume: str | None, run_dir: RunDirectory) -> tuple
             )
     L.seed_everything(exp.seed, verbose=False)
     exp.data.setup(exp.seed)
+    if exp.data.inputs is not None:  # every model can read the data's inputs
+        for spec in exp.client.zoo:
+            check_model_kind(spec, exp.data.inputs, "client.zoo")
+        for name, spec in exp.algorithm.model_specs().items():
+            check_model_kind(spec, exp.data.inputs, f"algorithm.init_args.{name}")
     if checkpoint is not None and checkpoint["meta"]["fingerprint"] != exp.data.fingerprint:
         raise ValueError(
             f"refusing to resume: the partition fingerprint is {exp.data.fingerprint} but the run used "
