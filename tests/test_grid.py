@@ -324,3 +324,15 @@ def test_an_axis_of_settings_passes_them_after_the_grid_args_and_the_gate_ablati
         for n in ("switch", "batch", "layer", "none")
         for h in (16, 64, 256)
     }
+
+
+def test_a_value_may_mix_overlays_and_settings_as_the_heart_disease_grid_does() -> None:
+    grid = Grid.load(ROOT / "configs" / "grids" / "heart_disease.yaml")
+    cells = {c.name: c for c in grid.cells()}
+    assert len(cells) == 12 * 3
+    fedavg, fml = cells["fedavg-seed0"], cells["fml-seed0"]
+    assert fedavg.configs[-1].endswith("fedavg.yaml") and fedavg.args == ['--client.zoo=["mlp1"]']
+    parser = subcommand_parser(build_parser(), "fit")
+    cfg = parser.parse_args(fedavg.fit_args(resume=False))
+    assert cfg.client.zoo == ["mlp1"] and cfg.algorithm.class_path.endswith("FedAvg")
+    assert parser.parse_args(fml.fit_args(resume=False)).client.zoo == ["mlp1", "mlp2", "mlp3", "mlp4"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fedmoe_pl.algorithms.base import Algorithm, check_number
 from fedmoe_pl.algorithms.client import ClientContext, FederatedClient
 from fedmoe_pl.models import GateNorm, LocalMoE, ModelSpec, SwitchNorm1d, check_model_spec, parts
+from fedmoe_pl.models.gate import gate_view
 
 
 class PFedMoEClient(FederatedClient):
@@ -110,5 +111,6 @@ class PFedMoE(Algorithm):
             in_features=ctx.sample.gate_features,
             gate_hidden=self.gate_hidden,
             gate_norm=self.gate_norm,
+            gate_view=gate_view(ctx.sample),
         )
         return PFedMoEClient(ctx, moe, self)

@@ -14,7 +14,8 @@ seeds, extra arguments for every run, and where the runs go::
     slurm: {partition: gpu, time: "1-00:00:00", gpus: 1, throttle: 16}
 
 A value may instead be settings of ``fedmoe-pl fit`` (``norm: {layer: {algorithm.init_args.gate_norm:
-layer}}``), passed as ``--key=value`` after the grid's ``args``. Overlay paths are relative to the
+layer}}``), passed as ``--key=value`` after the grid's ``args``, or a list of both
+(``fedavg: [../methods/fedavg.yaml, {client.zoo: [mlp1]}]``). Overlay paths are relative to the
 grid file; ``output`` is relative to the working directory.
 Every combination of one value per axis and one seed is a cell, run as ``fedmoe-pl fit`` with the
 base and the cell's overlays in order, into ``output/<value>-<value>-...-seed<k>``.
@@ -197,14 +198,19 @@ def _axis_values(here: Path, axis: str, spec: Any, grid: Path) -> dict[str, list
         values = {f.stem: [str(f)] for f in files}
     elif isinstance(spec, dict) and spec:
         values = {
-            str(v): _settings(axis, str(v), entry, grid)
-            if isinstance(entry, dict)
-            else [_config_path(here, c, grid) for c in _as_list(entry)]
+            str(v): [
+                item
+                for part in _as_list(entry)
+                for item in (
+                    _settings(axis, str(v), part, grid) if isinstance(part, dict) else [_config_path(here, part, grid)]
+                )
+            ]
             for v, entry in spec.items()
         }
     else:
         raise ValueError(
-            f"grid file {str(grid)!r}: axis {axis!r} must map values to overlay files or settings, or be a glob, "
+            f"grid file {str(grid)!r}: axis {axis!r} must map values to overlay files, settings or a list of both, "
+            "or be a glob, "
             f"got {spec!r}"
         )
     for value in values:

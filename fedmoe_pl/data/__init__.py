@@ -1,4 +1,4 @@
-"""Data: sources (images, table rows), seeded partitioners, per-client and federated data modules."""
+"""Data: sources (images, table rows, texts), seeded partitioners, per-client and federated data modules."""
 
 from fedmoe_pl.data.client import ClientDataModule, TensorBatches
 from fedmoe_pl.data.drift import Drift
@@ -7,9 +7,11 @@ from fedmoe_pl.data.local_sources import ImageFolder, Synthetic
 from fedmoe_pl.data.partition import IID, Dirichlet, Natural, Partitioner, Pathological, assign, scale_counts
 from fedmoe_pl.data.sources import CIFAR10, CIFAR100, MNIST, FashionMNIST, Source, SourceData
 from fedmoe_pl.data.tabular import HeartDisease
+from fedmoe_pl.data.text import AGNews
 from fedmoe_pl.data.transforms import BatchTransform, FeatureTransform
 
 __all__ = [
+    "AGNews",
     "CIFAR10",
     "CIFAR100",
     "IID",

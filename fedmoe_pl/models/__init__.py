@@ -1,7 +1,7 @@
-"""Plain ``nn.Module`` models: the CNN and MLP zoos, the gate and the local mixture of experts."""
+"""Plain ``nn.Module`` models: the CNN, MLP and text zoos, the gate and the local mixture of experts."""
 
 from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES, CNNExtractor, CNNShape
-from fedmoe_pl.models.gate import GateNorm, GatingNetwork
+from fedmoe_pl.models.gate import GateNorm, GatingNetwork, TokenBag, gate_view
 from fedmoe_pl.models.mlp import MLP, MLP_SHAPES, MLPExtractor, MLPShape
 from fedmoe_pl.models.moe import LocalMoE
 from fedmoe_pl.models.registry import (
@@ -19,6 +19,7 @@ from fedmoe_pl.models.registry import (
     register_model,
 )
 from fedmoe_pl.models.switch_norm import SwitchNorm1d
+from fedmoe_pl.models.text import TEXT_MODELS, TextModel
 
 __all__ = [
     "CNN",
@@ -34,6 +35,9 @@ __all__ = [
     "ModelSpec",
     "SMALL_MODEL",
     "SwitchNorm1d",
+    "TEXT_MODELS",
+    "TextModel",
+    "TokenBag",
     "ZOO_SHAPES",
     "ZooModel",
     "available_models",
@@ -41,6 +45,7 @@ __all__ = [
     "check_model_kind",
     "check_model_spec",
     "contract_gaps",
+    "gate_view",
     "model_kind",
     "model_name",
     "parts",

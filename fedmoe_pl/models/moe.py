@@ -24,9 +24,11 @@ class LocalMoE(nn.Module):
         global_expert: the small extractor every client holds a copy of.
         local_expert: the client's own (heterogeneous) extractor.
         head: the client's own last layer, representation -> logits.
-        in_features: flattened input size the gate sees (C*H*W).
+        in_features: numbers per sample the gate sees (C*H*W of a flattened image).
         gate_hidden: hidden width of the gate.
         gate_norm: normalization at the gate's input.
+        gate_view: what the gate reads of a sample (see :func:`~fedmoe_pl.models.gate.gate_view`);
+            the flattened input by default.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class LocalMoE(nn.Module):
         in_features: int,
         gate_hidden: int = 64,
         gate_norm: GateNorm = "switch",
+        gate_view: nn.Module | None = None,
     ) -> None:
         super().__init__()
         global_width, local_width = _width(global_expert), _width(local_expert)
@@ -48,7 +51,7 @@ class LocalMoE(nn.Module):
             )
         self.global_expert = global_expert
         self.local_expert = local_expert
-        self.gate = GatingNetwork(in_features, gate_hidden, gate_norm)
+        self.gate = GatingNetwork(in_features, gate_hidden, gate_norm, gate_view)
         self.head = head
 
     #: The sub-modules whose shapes do not depend on the client's architecture: every client of a

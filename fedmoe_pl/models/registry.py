@@ -18,6 +18,7 @@ from torch import nn
 from fedmoe_pl.inputs import ImageInput, InputKind, InputSpec
 from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES
 from fedmoe_pl.models.mlp import MLP, MLP_SHAPES
+from fedmoe_pl.models.text import TEXT_MODELS, build_text_model
 
 ModelSpec = Union[str, dict[str, Any]]  # noqa: UP007 (a runtime alias jsonargparse reads)
 ModelFactory = Callable[..., nn.Module]
@@ -80,10 +81,19 @@ def _mlp_factory(name: str) -> ModelFactory:
     return build
 
 
+def _text_factory(name: str) -> ModelFactory:
+    def build(vocab_size: int, seq_len: int, num_classes: int) -> nn.Module:
+        return build_text_model(name, vocab_size, seq_len, num_classes)
+
+    return build
+
+
 for _name in ZOO_SHAPES:
     register_model(_name, _cnn_factory(_name))
 for _name in MLP_SHAPES:
     register_model(_name, _mlp_factory(_name), kind="tabular")
+for _name in TEXT_MODELS:
+    register_model(_name, _text_factory(_name), kind="text")
 
 
 def _import_class(class_path: str) -> type:

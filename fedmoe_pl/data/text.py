@@ -1,0 +1,159 @@
+"""Text sources: AG News (4 classes of news), as token ids of a vocabulary built from its training split.
+
+The distributed files are ``train.csv`` (120,000 rows) and ``test.csv`` (7,600): one item per row,
+``"class","title","description"``, classes 1-4 (World, Sports, Business, Sci/Tech), fields quoted
+where needed, no header. A text is its title and description, lower-cased and cut into words
+(runs of letters, digits and apostrophes). The vocabulary is the ``max_vocab - 2`` most frequent
+words of the training texts seen at least ``min_count`` times, most frequent first and ties in
+alphabetical order, so it is a pure function of the training file; id 0 pads, id 1 stands for a
+word outside it. Every text becomes ``seq_len`` ids: its first ``seq_len`` words, padded with 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import re
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from fedmoe_pl.data.sources import Source, SourceData
+from fedmoe_pl.inputs import TextInput
+
+log = logging.getLogger(__name__)
+
+AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+AG_NEWS_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
+FOLDER = "ag_news_csv"  # the folder the distributed archive unpacks to
+PAD, UNKNOWN = 0, 1
+WORD = re.compile(r"[a-z0-9']+")
+
+
+def words(text: str) -> list[str]:
+    """A text's words: lower-cased runs of letters, digits and apostrophes."""
+    return WORD.findall(text.lower())
+
+
+def read_csv(path: Path, num_classes: int) -> tuple[list[list[str]], np.ndarray]:
+    """(words of each text, 0-based labels) of a file in the AG News format; bad rows are named."""
+    texts, labels = [], []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if not row:
+                    continue
+                if len(row) < 2 or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= num_classes:
+                    raise ValueError(
+                        f"{where}: {row[:3]!r} is not a row of the AG News format (a class 1-{num_classes}, then "
+                        "the title and the description); the file is damaged or another format: fetch it again"
+                    )
+                labels.append(int(row[0]) - 1)
+                texts.append(words(" ".join(row[1:])))
+        except csv.Error as err:
+            raise ValueError(f"{path}:{reader.line_num}: {err}; the file is damaged: fetch it again") from None
+    if not texts:
+        raise ValueError(f"{path} holds no rows; the file is empty or damaged: fetch it again")
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def build_vocabulary(texts: list[list[str]], max_vocab: int, min_count: int) -> list[str]:
+    """The words that get their own id (ids 2, 3, ... in this order)."""
+    counts = Counter(word for text in texts for word in text)
+    ranked = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    return ranked[: max_vocab - 2]
+
+
+def encode(texts: list[list[str]], vocabulary: list[str], seq_len: int) -> torch.Tensor:
+    """Token ids (N, seq_len): each text's first ``seq_len`` words, unknown ones 1, padded with 0."""
+    index = {w: i + 2 for i, w in enumerate(vocabulary)}
+    out = np.full((len(texts), seq_len), PAD, dtype=np.int64)
+    for row, text in enumerate(texts):
+        ids = [index.get(w, UNKNOWN) for w in text[:seq_len]]
+        out[row, : len(ids)] = ids
+    return torch.from_numpy(out)
+
+
+class AGNews(Source):
+    """AG News: 120,000 training and 7,600 test news items in 4 classes.
+
+    Args:
+        root: data root; ``train.csv`` and ``test.csv`` are read from ``root/ag_news_csv/`` or from
+            ``root`` itself.
+        download: fetch missing files into ``root/ag_news_csv/``.
+        seq_len: ids per text (longer texts are cut, shorter ones padded).
+        max_vocab: vocabulary size including the padding and unknown ids.
+        min_count: how often a training word must occur to get its own id.
+    """
+
+    def __init__(
+        self, root: str = "data", download: bool = False, seq_len: int = 64, max_vocab: int = 20000, min_count: int = 2
+    ) -> None:
+        for name, value, low in (("seq_len", seq_len, 1), ("max_vocab", max_vocab, 3), ("min_count", min_count, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"AGNews {name}={value!r} must be an integer of at least {low}")
+        self.root, self.download = Path(root), download
+        self.seq_len, self.max_vocab, self.min_count = seq_len, max_vocab, min_count
+
+    def _folder(self) -> Path:
+        nested = self.root / FOLDER
+        if (nested / "train.csv").exists() or not (self.root / "train.csv").exists():
+            return nested
+        return self.root
+
+    def _fetch(self, folder: Path, missing: list[str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / f".{FOLDER}.lock"):
+            for name in missing:
+                if (folder / name).exists():
+                    continue
+                tmp = folder / f"{name}.partial-{os.getpid()}"
+                log.warning("AG News: downloading %s", AG_NEWS_URL + name)
+                try:
+                    with urllib.request.urlopen(AG_NEWS_URL + name, timeout=120) as response:
+                        tmp.write_bytes(response.read())
+                except OSError as err:
+                    tmp.unlink(missing_ok=True)
+                    raise FileNotFoundError(
+                        f"{name} could not be downloaded from {AG_NEWS_URL} ({err}); place AG News's train.csv and "
+                        f"test.csv in {str(folder)!r} by hand"
+                    ) from err
+                tmp.replace(folder / name)
+
+    def load(self) -> SourceData:
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(
+                f"data root {str(self.root)!r} is a file, not a folder; point data.source.init_args.root at a folder"
+            )
+        folder = self._folder()
+        missing = [name for name in ("train.csv", "test.csv") if not (folder / name).exists()]
+        if missing and self.download:
+            self._fetch(folder, missing)
+        elif missing:
+            raise FileNotFoundError(
+                f"AG News: {', '.join(missing)} not found in {str(folder)!r} and download is off. Set download: true "
+                f"on a machine with internet, or place the distributed train.csv and test.csv in {str(folder)!r}"
+            )
+        classes = len(AG_NEWS_CLASSES)
+        train_texts, train_labels = read_csv(folder / "train.csv", classes)
+        test_texts, test_labels = read_csv(folder / "test.csv", classes)
+        vocabulary = build_vocabulary(train_texts, self.max_vocab, self.min_count)
+        digest = hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()[:12]
+        return SourceData(
+            encode(train_texts, vocabulary, self.seq_len),
+            torch.from_numpy(train_labels),
+            encode(test_texts, vocabulary, self.seq_len),
+            torch.from_numpy(test_labels),
+            num_classes=classes,
+            identity=f"agnews|{self.seq_len}|{self.max_vocab}|{self.min_count}|{digest}",
+            classes=list(AG_NEWS_CLASSES),
+            inputs=TextInput(vocab_size=len(vocabulary) + 2, length=self.seq_len),
+        )
