@@ -3,7 +3,8 @@
 The package, by what each part serves:
 
 - ``algorithms``, ``models``, ``data``: the methods (a client class and a server side each), the
-  model zoo, and the datasets with their federated partitions;
+  model zoos (images, table rows, texts), and the datasets with their federated partitions and the
+  description of one input sample (``data.inputs``) that models are built from;
 - ``run``: a run and its loop — the round loop (``federation``), its schedule, the run directory,
   the sinks (metrics file, checkpoint, W&B, Lightning loggers), stop signals, the experiment built
   from a config;

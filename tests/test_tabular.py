@@ -16,9 +16,9 @@ from fedmoe_pl.algorithms import ClientConfig, ClientContext, PFedMoE
 from fedmoe_pl.analysis.evaluation import summarize
 from fedmoe_pl.cli import main
 from fedmoe_pl.data import FederatedDataModule, HeartDisease, Natural, Pathological, Source, SourceData, Synthetic
+from fedmoe_pl.data.inputs import ImageInput, TabularInput
 from fedmoe_pl.data.tabular import HOSPITALS, parse_hospital
 from fedmoe_pl.data.transforms import FeatureTransform
-from fedmoe_pl.inputs import ImageInput, TabularInput
 from fedmoe_pl.models import MLP_SHAPES, available_models, build_model, contract_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,12 +235,18 @@ def test_bad_tabular_inputs_end_in_one_line_exit_2_and_write_nothing(tmp_path, c
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, name
         assert not (tmp_path / "pfedmoe").exists(), name
-    (tmp_path / "data" / "heart-disease" / "processed.switzerland.data").write_text("63,1,1,145,233,1\n")
-    with pytest.raises(SystemExit) as exit_:
-        main(_config(tmp_path, "pfedmoe"))
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "processed.switzerland.data:1: 6 comma-separated values" in err
-    assert len(err.splitlines()) == 1 and not (tmp_path / "pfedmoe").exists()
+    swiss = tmp_path / "data" / "heart-disease" / "processed.switzerland.data"
+    for damage, message in (("63,1,1,145,233,1\n", "processed.switzerland.data:1: 6 comma-separated values"),
+                            (None, "processed.switzerland.data not found")):  # fmt: skip
+        if damage is None:
+            swiss.unlink()
+        else:
+            swiss.write_text(damage)
+        with pytest.raises(SystemExit) as exit_:
+            main(_config(tmp_path, "pfedmoe"))
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and message in err
+        assert len(err.splitlines()) == 1 and not (tmp_path / "pfedmoe").exists()
 
 
 def test_the_shipped_config_describes_the_hospitals() -> None:

@@ -14,8 +14,8 @@ import torch
 from fedmoe_pl.algorithms import ClientConfig, ClientContext, PFedMoE
 from fedmoe_pl.cli import main
 from fedmoe_pl.data import AGNews, Dirichlet, FederatedDataModule, Pathological
+from fedmoe_pl.data.inputs import TextInput
 from fedmoe_pl.data.text import build_vocabulary, encode, read_csv, words
-from fedmoe_pl.inputs import TextInput
 from fedmoe_pl.models import TEXT_MODELS, TokenBag, available_models, build_model, contract_gaps
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe_pl.aggregation import Payload
-from fedmoe_pl.inputs import ImageInput, InputSpec
+from fedmoe_pl.data.inputs import ImageInput, InputSpec
 from fedmoe_pl.models import SMALL_MODEL, ModelSpec, build_model, check_model_spec
 from fedmoe_pl.run.trainer_settings import StepRules
 

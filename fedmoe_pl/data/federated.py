@@ -14,10 +14,10 @@ import torch
 
 from fedmoe_pl.data.client import ClientDataModule
 from fedmoe_pl.data.drift import Drift, Schedule, keep, shift_images
+from fedmoe_pl.data.inputs import ImageInput, InputSpec, TabularInput
 from fedmoe_pl.data.partition import Natural, Partitioner, assign, scale_counts
 from fedmoe_pl.data.sources import Source, SourceData
 from fedmoe_pl.data.transforms import BatchTransform, FeatureTransform, Unchanged
-from fedmoe_pl.inputs import ImageInput, InputSpec, TabularInput
 
 log = logging.getLogger(__name__)
 

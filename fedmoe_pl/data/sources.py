@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from fedmoe_pl.inputs import ImageInput, InputSpec
+from fedmoe_pl.data.inputs import ImageInput, InputSpec
 
 log = logging.getLogger(__name__)
 

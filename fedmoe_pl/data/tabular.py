@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from fedmoe_pl.data.inputs import TabularInput
 from fedmoe_pl.data.sources import Source, SourceData
-from fedmoe_pl.inputs import TabularInput
 
 log = logging.getLogger(__name__)
 

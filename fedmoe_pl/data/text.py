@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from fedmoe_pl.data.inputs import TextInput
 from fedmoe_pl.data.sources import Source, SourceData
-from fedmoe_pl.inputs import TextInput
 
 log = logging.getLogger(__name__)
 

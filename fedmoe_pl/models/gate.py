@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fedmoe_pl.inputs import TOKEN_BAG_BUCKETS, InputSpec, TextInput
+from fedmoe_pl.data.inputs import TOKEN_BAG_BUCKETS, InputSpec, TextInput
 from fedmoe_pl.models.switch_norm import SwitchNorm1d
 
 GateNorm = Literal["switch", "batch", "layer", "none"]

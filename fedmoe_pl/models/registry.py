@@ -15,7 +15,7 @@ from typing import Any, Protocol, Union
 import torch
 from torch import nn
 
-from fedmoe_pl.inputs import ImageInput, InputKind, InputSpec
+from fedmoe_pl.data.inputs import ImageInput, InputKind, InputSpec
 from fedmoe_pl.models.cnn import CNN, ZOO_SHAPES
 from fedmoe_pl.models.mlp import MLP, MLP_SHAPES
 from fedmoe_pl.models.text import TEXT_MODELS, build_text_model
@@ -49,7 +49,7 @@ def register_model(name: str, factory: ModelFactory, kind: InputKind = "image") 
     """Make ``factory`` selectable as ``name`` for inputs of ``kind``.
 
     The factory takes ``num_classes`` and the input description's keyword arguments
-    (:meth:`~fedmoe_pl.inputs.ImageInput.model_args`): ``in_channels`` and ``image_size`` for
+    (:meth:`~fedmoe_pl.data.inputs.ImageInput.model_args`): ``in_channels`` and ``image_size`` for
     images, ``num_features`` for tabular rows, ``vocab_size`` and ``seq_len`` for text.
     """
     if name in _REGISTRY:
