@@ -253,3 +253,23 @@ def test_the_shipped_config_describes_the_hospitals() -> None:
     cfg = yaml.safe_load((ROOT / "configs" / "heart_disease.yaml").read_text())
     assert cfg["data"]["partitioner"]["class_path"] == "fedmoe_pl.data.Natural" and cfg["data"]["num_clients"] == 4
     assert len(HOSPITALS) == 4 and all(m in MLP_SHAPES for m in cfg["client"]["zoo"])
+
+
+def test_per_site_tables_average_each_hospital_over_seeds(tmp_path, monkeypatch, capsys) -> None:
+    import runpy
+
+    write_hospitals(tmp_path / "data" / "heart-disease")
+    accs = []
+    for seed in (0, 1):
+        argv = _config(tmp_path, "pfedmoe")
+        main([*argv, "--federation.run_dir", str(tmp_path / "runs" / f"s{seed}"), "--seed_everything", str(seed)])
+        last = json.loads((tmp_path / "runs" / f"s{seed}" / "metrics.jsonl").read_text().splitlines()[-1])
+        accs.append(last["per_client"]["client_acc"])
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["per_site.py", str(tmp_path / "runs")])
+    runpy.run_path(str(ROOT / "experiments" / "per_site.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| method | seeds | Cleveland | Hungary | Switzerland | Long Beach VA | mean |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| pfedmoe | 2 |"))
+    swiss = [a["2"] * 100 for a in accs]
+    assert f"{np.mean(swiss):.1f} ± {np.std(swiss, ddof=1):.1f}" == row.split(" | ")[4]
