@@ -273,3 +273,16 @@ def test_per_site_tables_average_each_hospital_over_seeds(tmp_path, monkeypatch,
     row = next(line for line in out.splitlines() if line.startswith("| pfedmoe | 2 |"))
     swiss = [a["2"] * 100 for a in accs]
     assert f"{np.mean(swiss):.1f} ± {np.std(swiss, ddof=1):.1f}" == row.split(" | ")[4]
+
+
+def test_a_run_that_recorded_the_old_default_shared_model_still_resumes() -> None:
+    from fedmoe_pl.run.experiment import config_differences
+
+    key = "algorithm.init_args.global_expert"
+    assert config_differences({key: "cnn5", "x": 1}, {key: None, "x": 1}) == []  # CNN-5 is null's image model
+    assert config_differences({key: None}, {key: "cnn5"}) == []
+    assert config_differences({key: "cnn4"}, {key: None}) == [f"{key}: 'cnn4' in the run, None now"]
+    assert (
+        config_differences({"algorithm.init_args.shared_model": "cnn5"}, {"algorithm.init_args.shared_model": None})
+        == []
+    )

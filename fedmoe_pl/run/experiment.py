@@ -84,10 +84,24 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)}
 
 
+# Defaults that changed their spelling, not the run: (key, the value runs recorded, the new default).
+# The shared model became "the data's smallest" (null) when inputs other than images arrived; every
+# run from before was on images, where that is CNN-5.
+RESPELLED_DEFAULTS = (
+    ("algorithm.init_args.global_expert", "cnn5", None),
+    ("algorithm.init_args.shared_model", "cnn5", None),
+)
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     # Runs from before the trainer settings were compared did not record them.
     keys = sorted(k for k in set(saved) | set(current) if k in saved or not k.startswith("trainer."))
-    return [f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
+    same = {spelling for key, old, new in RESPELLED_DEFAULTS for spelling in ((key, old, new), (key, new, old))}
+    return [
+        f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now"
+        for k in keys
+        if saved.get(k) != current.get(k) and (k, saved.get(k), current.get(k)) not in same
+    ]
 
 
 def training_device(trainer: dict[str, Any], plugins: Sequence[Any] = ()) -> torch.device:
