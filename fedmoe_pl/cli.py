@@ -66,6 +66,7 @@ def _experiment_parser(description: str) -> ArgumentParser:
     from lightning.pytorch.loggers import Logger
 
     from fedmoe_pl.algorithms import Algorithm, ClientConfig
+    from fedmoe_pl.analysis.results import CostConfig
     from fedmoe_pl.data import FederatedDataModule
     from fedmoe_pl.run.federation import FederationConfig
     from fedmoe_pl.run.tracking import WandbConfig
@@ -79,6 +80,7 @@ def _experiment_parser(description: str) -> ArgumentParser:
     parser.add_subclass_arguments(Algorithm, "algorithm")
     parser.add_class_arguments(FederationConfig, "federation")
     parser.add_class_arguments(WandbConfig, "wandb")
+    parser.add_class_arguments(CostConfig, "cost")
     parser.add_argument(
         "--loggers",
         type=list[Logger] | None,
@@ -221,6 +223,7 @@ def _experiment(parser: ArgumentParser, cfg: Namespace) -> Experiment:
         federation=init.federation,
         wandb=init.wandb,
         trainer=init.trainer.changed(),
+        cost=init.cost,
         loggers=list(init.loggers or []),
         config=as_dict,
         config_yaml=parser.dump(plain, skip_unset=False),

@@ -213,3 +213,55 @@ def test_a_grid_of_methods_alone_names_its_setting_from_the_config(tmp_path: Pat
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     loaded = load_run(run)
     assert (loaded.method, loaded.setting, loaded.seed) == ("pfedmoe", "FashionMNIST-N50-C0.2-hetero", 0)
+
+
+def test_a_runs_summary_times_its_cost_over_the_configured_links(tmp_path: Path, capsys) -> None:
+    from fedmoe_pl.analysis.results import CostConfig
+
+    summary = {
+        "total_bytes_up": 2_000_000,
+        "total_bytes_down": 4_000_000,
+        "total_reported": 4,
+        "total_train_flops": 8e9,
+    }
+    rows = [{"round": 1, "mean_acc": 0.5}, {"round": 2, "mean_acc": None}, {"round": 3, "mean_acc": 0.81}]
+    cost = CostConfig(up_mbps=[1, 10], down_mbps=[4, 10], compute_flops=1e9, target=0.8)
+    time = cost.section(summary, rows)
+    # per fit: 500 kB up at 1 Mbit/s = 4 s, 1 MB down at 4 Mbit/s = 2 s, 2 GFLOP at 1 GFLOP/s = 2 s
+    assert time["rounds_to_target"] == 3 and [link["name"] for link in time["links"]] == [
+        "1/4 Mbit/s, 1.00 GFLOP/s",
+        "10 Mbit/s, 1.00 GFLOP/s",
+    ]
+    assert time["links"][0]["s_per_round"] == pytest.approx(8.0) and time["links"][0]["s_to_target"] == pytest.approx(
+        24.0
+    )
+    assert time["links"][1]["s_per_round"] == pytest.approx(0.4 + 0.8 + 2.0)
+    assert CostConfig(target=0.9).section(summary, rows)["links"][0]["s_to_target"] is None  # never reached
+    assert "s_to_target" not in CostConfig().section(summary, rows)["links"][0]
+    for bad, message in (({"down_mbps": [1.0]}, "does not match cost.up_mbps"), ({"target": 1.5}, "cost.target=1.5"),
+                         ({"up_mbps": [0.0]}, "up_mbps=0.0 must be a positive number")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            CostConfig(**bad)
+
+    config = tiny_config(tmp_path, rounds=2)
+    main(["fit", "--config", str(config), "--cost.target", "0.01", "--cost.up_mbps", "[2]"])
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (link,) = written["time"]["links"]
+    fits = written["total_reported"]
+    expected = 8 * written["total_bytes_up"] / fits / 2e6 + 8 * written["total_bytes_down"] / fits / 2e6
+    assert written["time"]["rounds_to_target"] == 1 and link["s_per_round"] == pytest.approx(expected)
+    # The cost changes no result: a resumed run may time itself over other links.
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--federation.rounds",
+            "3",
+            "--cost.up_mbps",
+            "[5]",
+            "--resume",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["time"]["links"][0]["up_mbps"] == 5

@@ -12,7 +12,7 @@ import csv
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,52 @@ class Link:
         if self.compute_flops is not None:
             seconds += summary.get("total_train_flops", math.nan) / fits / self.compute_flops
         return float(seconds)
+
+
+@dataclass
+class CostConfig:
+    """A run's cost as time, written into its ``summary.json`` under ``time``: seconds per round over
+    each link and, given a ``target``, the rounds and seconds until the mean client accuracy first
+    reached it (the model of :class:`Link`; ``fedmoe-pl report --link-mbps`` gives the same over seeds).
+
+    Args:
+        up_mbps: client upload rates, Mbit/s, one link each.
+        down_mbps: the matching download rates; None: the same as up.
+        compute_flops: a client's training speed, FLOP/s, on every link; None counts transfers only.
+        target: the mean client accuracy to time; None: seconds per round only.
+    """
+
+    up_mbps: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])
+    down_mbps: list[float] | None = None
+    compute_flops: float | None = None
+    target: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.down_mbps is not None and len(self.down_mbps) != len(self.up_mbps):
+            raise ValueError(
+                f"cost.down_mbps={self.down_mbps} does not match cost.up_mbps={self.up_mbps}: give one download rate "
+                "per upload rate, or none (downloads as fast as uploads)"
+            )
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ValueError(f"cost.target={self.target} is an accuracy: a number in (0, 1]")
+        self.links()  # each rate checked
+
+    def links(self) -> list[Link]:
+        return [Link(up, down, self.compute_flops) for up, down in zip(self.up_mbps, self.down_mbps or self.up_mbps)]
+
+    def section(self, summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The ``time`` section of a summary, from the summary and the run's evaluated rounds."""
+        reached = None
+        if self.target is not None:
+            reached = next((int(r["round"]) for r in rows if (r.get("mean_acc") or 0) >= self.target), None)
+        out: dict[str, Any] = {"target": self.target, "rounds_to_target": reached, "links": []}
+        for link in self.links():
+            per_round = link.seconds_per_round(summary)
+            entry = {**asdict(link), "name": link.name, "s_per_round": None if math.isnan(per_round) else per_round}
+            if self.target is not None:
+                entry["s_to_target"] = None if reached is None or math.isnan(per_round) else per_round * reached
+            out["links"].append(entry)
+        return out
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

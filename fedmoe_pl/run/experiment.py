@@ -16,6 +16,7 @@ from filelock import FileLock, Timeout
 
 from fedmoe_pl.algorithms import Algorithm, ClientConfig
 from fedmoe_pl.analysis.evaluation import Evaluator
+from fedmoe_pl.analysis.results import CostConfig
 from fedmoe_pl.cluster.sweep import SweepRun
 from fedmoe_pl.data import FederatedDataModule
 from fedmoe_pl.errors import RunError
@@ -47,6 +48,7 @@ RESUMABLE_KEYS = (
     "federation.max_empty_rounds",
     "wandb",
     "loggers",
+    "cost",
     "trainer.accelerator",  # the others (precision, clipping, ...) change results
     "resume",
     "config",
@@ -64,6 +66,7 @@ class Experiment:
     federation: FederationConfig
     wandb: WandbConfig
     trainer: dict[str, Any] = field(default_factory=dict)
+    cost: CostConfig | None = None  # the summary's cost as time
     loggers: list[Any] = field(default_factory=list)  # Lightning loggers besides W&B
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config, as plain data
     config_yaml: str = ""
@@ -359,7 +362,7 @@ def _train(
         Checkpoint(run_dir, meta),
         Wandb(tracker, table),
         ProgressBar(),
-        SummaryFile(run_dir),
+        SummaryFile(run_dir, exp.cost),
         Plots(run_dir),
         *([LightningLoggers(exp.loggers, exp.config)] if exp.loggers else []),
     ]

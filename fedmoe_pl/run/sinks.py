@@ -16,6 +16,7 @@ from fedmoe_pl.run.rundir import SUMMARY, RunDirectory
 from fedmoe_pl.run.tracking import WandbTracker, round_scalars
 
 if TYPE_CHECKING:
+    from fedmoe_pl.analysis.results import CostConfig
     from fedmoe_pl.run.federation import Federation
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,17 @@ class Checkpoint(Sink):
 
 
 class SummaryFile(Sink):
-    """``summary.json``, written however the run ends."""
+    """``summary.json``, written however the run ends; with ``cost``, its ``time`` section too."""
 
-    def __init__(self, run_dir: RunDirectory) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: RunDirectory, cost: CostConfig | None = None) -> None:
+        self.run_dir, self.cost = run_dir, cost
 
     def on_run_end(self, fed: Federation, summary: dict[str, Any]) -> None:
+        if self.cost is not None:
+            try:
+                summary = {**summary, "time": self.cost.section(summary, list(self.run_dir.read_metrics()))}
+            except Exception as err:  # must not hide why the run ended, nor cost the summary
+                log.error("the summary's time section could not be computed: %s", err)
         try:
             self.run_dir.write_json(SUMMARY, summary)
         except RunError as err:  # must not hide why the run ended
