@@ -215,6 +215,7 @@ def test_a_grid_of_methods_alone_names_its_setting_from_the_config(tmp_path: Pat
     assert (loaded.method, loaded.setting, loaded.seed) == ("pfedmoe", "FashionMNIST-N50-C0.2-hetero", 0)
 
 
+@pytest.mark.slow
 def test_a_runs_summary_times_its_cost_over_the_configured_links(tmp_path: Path, capsys) -> None:
     from fedmoe_pl.analysis.results import CostConfig
 

@@ -205,6 +205,7 @@ def _config(tmp_path: Path, method: str, **extra) -> list[str]:
     return args + [arg for key, value in extra.items() for arg in (f"--{key}", value)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pfedmoe", "standalone", "fml", "fedavg"])
 def test_two_rounds_on_the_four_hospitals(tmp_path, method: str) -> None:
     write_hospitals(tmp_path / "data" / "heart-disease")
@@ -255,6 +256,7 @@ def test_the_shipped_config_describes_the_hospitals() -> None:
     assert len(HOSPITALS) == 4 and all(m in MLP_SHAPES for m in cfg["client"]["zoo"])
 
 
+@pytest.mark.slow
 def test_per_site_tables_average_each_hospital_over_seeds(tmp_path, monkeypatch, capsys) -> None:
     import runpy
 

@@ -120,6 +120,7 @@ def test_image_partitioners_cut_texts_too(tmp_path, partitioner) -> None:
         assert all(len(c["train"]) == 2 for c in dm.report()["clients"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pfedmoe", "standalone", "fml"])
 def test_two_rounds_of_text(tmp_path, method: str) -> None:
     write_ag_news(tmp_path / "data" / "ag_news_csv")
