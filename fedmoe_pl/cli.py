@@ -164,6 +164,14 @@ def _report_parser() -> ArgumentParser:
     parser.add_argument(
         "--compute-flops", type=float, default=None, help="a client's training speed (FLOP/s) for those seconds"
     )
+    parser.add_argument(
+        "--pivot",
+        type=str,
+        nargs=2,
+        default=None,
+        metavar=("ROWS", "COLUMNS"),
+        help="two grid axes: final accuracy as a ROWS x COLUMNS table and bar chart (an ablation)",
+    )
     return parser
 
 
@@ -358,7 +366,8 @@ def _tool_command(command: str, cfg: Namespace) -> int:
         from fedmoe_pl.analysis.results import Link, write_report
 
         links = [Link(rate, rate, cfg.compute_flops) for rate in cfg.link_mbps]
-        write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target, links)
+        pivot = tuple(cfg.pivot) if cfg.pivot else None
+        write_report([Path(p) for p in cfg.run_dirs], Path(cfg.output), cfg.target, links, pivot)  # type: ignore[arg-type]
         return 0
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedmoe-pl {command}: error: {err}", file=sys.stderr)

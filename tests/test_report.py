@@ -266,3 +266,41 @@ def test_a_runs_summary_times_its_cost_over_the_configured_links(tmp_path: Path,
         ]
     )
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["time"]["links"][0]["up_mbps"] == 5
+
+
+def _fake_cell(root: Path, axes: dict[str, str], seed: int, acc: float) -> None:
+    """A finished grid cell as the report reads it: cell.json, config.yaml, summary.json, metrics.jsonl."""
+    run = root / ("-".join(axes.values()) + f"-seed{seed}")
+    run.mkdir(parents=True)
+    (run / "cell.json").write_text(json.dumps({"axes": axes, "seed": seed}))
+    config = {"algorithm": {"class_path": "fedmoe_pl.algorithms.PFedMoE"}, "client": {"zoo": ["cnn1", "cnn2"]},
+              "data": {"source": {"class_path": "fedmoe_pl.data.Synthetic"}, "num_clients": 4},
+              "federation": {"participation": 1.0}}  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = {"status": "completed", "rounds": 2, "final_mean_acc": acc, "best_mean_acc": acc, "wall_s": 1.0,
+               "total_bytes_up": 8, "total_bytes_down": 8, "total_train_flops": 4, "total_reported": 2}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "mean_acc": acc}) + "\n")
+
+
+def test_a_pivot_lays_an_ablation_out_as_rows_by_columns(tmp_path: Path, capsys) -> None:
+    from fedmoe_pl.analysis.results import write_report
+
+    grid = tmp_path / "grid"
+    accs = {("switch", "h16"): [0.90, 0.92], ("switch", "h64"): [0.95, 0.97], ("none", "h16"): [0.80, 0.84],
+            ("switch", "h256"): [0.5]}  # fmt: skip
+    for (norm, hidden), values in accs.items():
+        for seed, acc in enumerate(values):
+            _fake_cell(grid, {"data": "quick", "norm": norm, "hidden": hidden}, seed, acc)
+    write_report([grid], tmp_path / "out", pivot=("norm", "hidden"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## quick: final mean client test accuracy (%), norm x hidden, mean ± std (seeds)" in text
+    assert "| norm \\ hidden | h16 | h64 | h256 |" in text  # widths in natural order
+    assert "| switch | 91.00 ± 1.41 (2) | 96.00 ± 1.41 (2) | 50.00 ± 0.00 (1) |" in text
+    assert "| none | 82.00 ± 2.83 (2) |  |  |" in text  # a cell that did not run stays empty
+    assert (tmp_path / "out" / "pivot-quick.png").stat().st_size > 0
+    capsys.readouterr()
+    for pivot, message in ((("norm", "norm"), "two different axes"), (("norm", "width"), "no grid axis 'width'")):
+        with pytest.raises(ValueError, match=message):
+            write_report([grid], tmp_path / "out2", pivot=pivot)
+        assert not (tmp_path / "out2").exists()

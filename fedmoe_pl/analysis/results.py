@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmoe_pl.analysis.ablation import check_pivot, pivot_markdown, plot_pivot
 from fedmoe_pl.run.rundir import CELL, SUMMARY, RunDirectory, make_folder
 
 FIRST = ("pfedmoe", "standalone")  # listed first; the other methods alphabetically
@@ -35,6 +36,7 @@ class Run:
     rounds: list[int] = field(default_factory=list)
     accs: list[float] = field(default_factory=list)
     final_balanced: float | None = None  # the last evaluation's mean balanced accuracy (None: not recorded)
+    axes: dict[str, str] = field(default_factory=dict)  # a grid cell's value on each axis (method included)
 
     def rounds_to(self, target: float) -> int | None:
         return next((r for r, a in zip(self.rounds, self.accs) if a >= target), None)
@@ -181,7 +183,7 @@ def load_run(path: Path) -> Run:
         config = run_dir.read_config()
         method, setting = _describe(config)
         seed = int(config.get("seed_everything", 0))
-    run = Run(path, method, setting, seed, summary)
+    run = Run(path, method, setting, seed, summary, axes=dict(cell["axes"]) if cell is not None else {})
     for row in run_dir.read_metrics():
         if row.get("mean_acc") is not None:
             run.rounds.append(int(row["round"]))
@@ -358,23 +360,33 @@ def plot_curves(runs: list[Run], output: Path) -> list[Path]:
 
 
 def write_report(
-    paths: list[Path], output: Path, target: float = 0.9, links: Sequence[Link] = ()
+    paths: list[Path],
+    output: Path,
+    target: float = 0.9,
+    links: Sequence[Link] = (),
+    pivot: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``report.md``, ``report.csv`` and one accuracy plot per setting; return the rows.
-    ``links``: also the seconds per round and to the target over each (:class:`Link`)."""
+    ``links``: also the seconds per round and to the target over each (:class:`Link`). ``pivot``:
+    two grid axes (rows, columns) for an ablation's tables and bar charts (:mod:`.ablation`)."""
     runs = [load_run(p) for p in find_runs(paths)]
     done = [r for r in runs if r.summary.get("status") == "completed"]
     skipped = [r for r in runs if r.summary.get("status") != "completed"]
     if not done:
         raise ValueError(f"none of the {len(runs)} runs found has completed; nothing to report")
+    if pivot is not None:
+        check_pivot(done, *pivot)  # refused before anything is written
     rows = summarise(done, target, links)
     make_folder(output, "--output")
-    (output / "report.md").write_text(markdown(rows, target, skipped, links))
+    text = markdown(rows, target, skipped, links)
+    if pivot is not None:
+        text = pivot_markdown(done, *pivot) + "\n" + text
+    (output / "report.md").write_text(text)
     with open(output / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))  # some lack balanced
         writer.writeheader()
         writer.writerows(rows)
-    plots = plot_curves(done, output)
+    plots = plot_curves(done, output) + (plot_pivot(done, *pivot, output) if pivot is not None else [])
     print((output / "report.md").read_text())
     print(
         f"{len(done)} runs in {len(rows)} (setting, method) groups; written: report.md, report.csv, "
