@@ -44,6 +44,9 @@ def test_words_vocabulary_and_ids_by_hand(tmp_path) -> None:
     path.write_text('"3","Oil up","oil rises, oil falls"\n"1","War","oil war it\'s"\n"2","Cup","cup final"\n')
     texts, labels = read_csv(path, 4)
     assert labels.tolist() == [2, 0, 1]
+    headed = tmp_path / "headed.csv"
+    headed.write_text('"Class Index","Title","Description"\n' + path.read_text())
+    assert read_csv(headed, 4)[0] == texts  # a copy with a header line reads the same
     assert texts[1] == ["war", "oil", "war", "it's"] and words("Up-to-date: 5G!") == ["up", "to", "date", "5g"]
     # oil 4, war 2, cup 2: by count, ties alphabetically; min_count 2 drops the rest.
     vocabulary = build_vocabulary(texts, max_vocab=10, min_count=2)

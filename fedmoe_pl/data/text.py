@@ -2,7 +2,7 @@
 
 The distributed files are ``train.csv`` (120,000 rows) and ``test.csv`` (7,600): one item per row,
 ``"class","title","description"``, classes 1-4 (World, Sports, Business, Sci/Tech), fields quoted
-where needed, no header. A text is its title and description, lower-cased and cut into words
+where needed, no header (a header line, as some copies carry, is skipped). A text is its title and description, lower-cased and cut into words
 (runs of letters, digits and apostrophes). The vocabulary is the ``max_vocab - 2`` most frequent
 words of the training texts seen at least ``min_count`` times, most frequent first and ties in
 alphabetical order, so it is a pure function of the training file; id 0 pads, id 1 stands for a
@@ -49,8 +49,8 @@ def read_csv(path: Path, num_classes: int) -> tuple[list[list[str]], np.ndarray]
         try:
             for row in reader:
                 where = f"{path}:{reader.line_num}"
-                if not row:
-                    continue
+                if not row or (reader.line_num == 1 and not row[0].strip().isdigit()):
+                    continue  # an empty line; a header ("Class Index","Title","Description" in some copies)
                 if len(row) < 2 or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= num_classes:
                     raise ValueError(
                         f"{where}: {row[:3]!r} is not a row of the AG News format (a class 1-{num_classes}, then "
