@@ -2,11 +2,12 @@
 
 The distributed files are ``train.csv`` (120,000 rows) and ``test.csv`` (7,600): one item per row,
 ``"class","title","description"``, classes 1-4 (World, Sports, Business, Sci/Tech), fields quoted
-where needed, no header (a header line, as some copies carry, is skipped). A text is its title
-and description, lower-cased and cut into words (runs of letters, digits and apostrophes). The vocabulary is the ``max_vocab - 2`` most frequent
-words of the training texts seen at least ``min_count`` times, most frequent first and ties in
-alphabetical order, so it is a pure function of the training file; id 0 pads, id 1 stands for a
-word outside it. Every text becomes ``seq_len`` ids: its first ``seq_len`` words, padded with 0.
+where needed, no header (a header line, as some copies carry, is skipped). A text is its title and
+description, lower-cased and cut into words (runs of letters, digits and apostrophes). The
+vocabulary is the ``max_vocab - 2`` most frequent words of the training texts seen at least
+``min_count`` times, most frequent first and ties in alphabetical order, so it is a pure function
+of the training file; id 0 pads, id 1 stands for a word outside it. Every text becomes ``seq_len``
+ids: its first ``seq_len`` words, padded with 0.
 """
 
 from __future__ import annotations
