@@ -131,6 +131,14 @@ def _grid_parser() -> ArgumentParser:
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="list the cells only")
     parser.add_argument("--launcher", type=Literal["local", "slurm"], default="local", help="where cells run")
     parser.add_argument("--output", type=str | None, default=None, help="folder of the runs (the grid's output)")
+    parser.add_argument(
+        "--only",
+        type=str,
+        nargs="*",
+        default=[],
+        metavar="AXIS=VALUE",
+        help="run only the cells with these values (AXIS=V1,V2 for several, seed=0 for seeds), e.g. --only hidden=h64",
+    )
     # Every Slurm option of a grid file's ``slurm:`` section is also a flag, named and typed as there.
     import typing
     from dataclasses import fields
@@ -176,14 +184,14 @@ def _report_parser() -> ArgumentParser:
 
 
 def _grid(cfg: Namespace) -> int:
-    from fedmoe_pl.cluster.grid import Grid, deduplicate, describe, run_local
+    from fedmoe_pl.cluster.grid import Grid, deduplicate, describe, run_local, select
     from fedmoe_pl.run.rundir import make_folder
 
     grid = Grid.load(cfg.grid_file)
     if cfg.output:
         grid.output = cfg.output
     make_folder(grid.output, "grid --output", create=False)
-    cells, left_out = deduplicate(grid.cells())
+    cells, left_out = deduplicate(select(grid.cells(), cfg.only) if cfg.only else grid.cells())
     if left_out:
         same = "; ".join(f"{a.name} = {b.name}" for a, b in left_out)
         print(

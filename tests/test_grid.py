@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections import Counter
 from pathlib import Path
@@ -336,3 +337,26 @@ def test_a_value_may_mix_overlays_and_settings_as_the_heart_disease_grid_does() 
     cfg = parser.parse_args(fedavg.fit_args(resume=False))
     assert cfg.client.zoo == ["mlp1"] and cfg.algorithm.class_path.endswith("FedAvg")
     assert parser.parse_args(fml.fit_args(resume=False)).client.zoo == ["mlp1", "mlp2", "mlp3", "mlp4"]
+
+
+def test_only_runs_a_slice_of_the_grid_and_names_what_it_does_not_know(tmp_path: Path, capsys) -> None:
+    from fedmoe_pl.cluster.grid import select
+
+    cells = Grid.load(ROOT / "configs" / "grids" / "gate_ablation.yaml").cells()
+    picked = select(cells, ["hidden=h64", "data=quickstart", "seed=0,2"])
+    assert [c.name for c in picked] == [
+        f"quickstart-{n}-h64-seed{s}" for n in ("switch", "batch", "layer", "none") for s in (0, 2)
+    ]
+    assert select(cells, ["norm=layer", "norm=none"]) == [c for c in cells if c.axes["norm"] in ("layer", "none")]
+    refused = {
+        "width=3": "no axis 'width'; its axes are ['data', 'hidden', 'norm', 'seed']",
+        "hidden=h65": "axis 'hidden' has no value ['h65']",
+        "hidden": "give AXIS=VALUE",
+    }
+    for only, message in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            select(cells, [only])
+    grid = str(ROOT / "configs" / "grids" / "gate_ablation.yaml")
+    code = main(["grid", grid, "--dry-run", "--only", "norm=none", "seed=1", "--output", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code in (0, None) and out.startswith("6 cells") and "none-h16-seed1" in out and "switch" not in out

@@ -178,6 +178,30 @@ class Grid:
         return out
 
 
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    """The cells matching every ``AXIS=VALUE[,VALUE...]`` of ``only`` (``seed`` is an axis too)."""
+    wanted: dict[str, set[str]] = {}
+    for entry in only:
+        axis, sep, given = entry.partition("=")
+        if not sep or not axis or not given:
+            raise ValueError(f"--only {entry!r}: give AXIS=VALUE (or AXIS=V1,V2), e.g. --only norm=switch seed=0")
+        wanted.setdefault(axis, set()).update(v for v in given.split(",") if v)
+    for axis, values in wanted.items():
+        known = {str(c.seed) if axis == "seed" else c.axes.get(axis, "") for c in cells} - {""}
+        if not known:
+            axes = sorted({a for c in cells for a in c.axes} | {"seed"})
+            raise ValueError(f"--only: the grid has no axis {axis!r}; its axes are {axes}")
+        if values - known:
+            raise ValueError(
+                f"--only: axis {axis!r} has no value {sorted(values - known)}; its values are {sorted(known)}"
+            )
+
+    def keep(cell: Cell) -> bool:
+        return all((str(cell.seed) if a == "seed" else cell.axes.get(a)) in v for a, v in wanted.items())
+
+    return [cell for cell in cells if keep(cell)]
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
