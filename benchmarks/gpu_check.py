@@ -9,7 +9,8 @@ checkout). It writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (a table), 
 
 1. ``pytest -m gpu tests/test_gpu.py``: the quickstart zoo trains on the device with both executors
    for four methods, stacked batched rounds agree with sequential ones, ``bf16-mixed`` runs, a
-   checkpoint written on the device resumes on the CPU, two ranks equal one process (with 2 GPUs).
+   checkpoint written on the device resumes on the CPU, two ranks equal one process (with 2 GPUs),
+   and pFedMoE trains on table rows and on texts (both executors).
 2. Timings side by side in one run (synthetic 28x28 images, the quickstart's zoo and method): the
    plain PyTorch loop, the sequential executor, the batched one in fp32 and in bf16, at the
    quickstart's size, 100 clients with C = 0.1 and C = 1.0, and 500 clients of 500 images with

@@ -147,3 +147,26 @@ def test_a_stacked_step_and_its_batches_never_wait_for_the_device(tmp_path: Path
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_failed"] == 0, summary
     assert checked["steps"] > 0 and checked["batches"] > 0 and not checked["errors"], checked["errors"]
+
+
+@pytest.mark.parametrize("executor", ["sequential", "batched"])
+@pytest.mark.parametrize("kind", ["tabular", "text"])
+def test_rows_and_texts_train_on_the_device(tmp_path: Path, kind: str, executor: str) -> None:
+    """The hospitals' rows (standardized on the device) and AG News texts (the gate's token bag on the
+    device), two rounds of pFedMoE, in files of the real formats."""
+    from test_tabular import write_hospitals
+    from test_text import write_ag_news
+
+    if kind == "tabular":
+        write_hospitals(tmp_path / "data" / "heart-disease")
+        args = ["--config", str(ROOT / "configs" / "heart_disease.yaml")]
+    else:
+        write_ag_news(tmp_path / "data" / "ag_news_csv")
+        args = ["--config", str(ROOT / "configs" / "agnews.yaml"), "--data.num_clients", "4"]
+        args += ["--federation.participation", "1.0"]
+    args += ["--data.source.init_args.root", str(tmp_path / "data"), "--federation.rounds", "2"]
+    args += ["--federation.run_dir", str(tmp_path / "run"), "--trainer.accelerator", ACCELERATOR]
+    main(["fit", *args, "--federation.executor", executor])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_reported"] == 8 and summary["total_failed"] == 0
+    assert 0.0 <= summary["final_mean_acc"] <= 1.0
