@@ -92,7 +92,8 @@ def test_gate_analytics_tell_a_collapsed_gate_from_an_input_dependent_one() -> N
     assert sum(histograms["gate_global"]["1"][:2]) == 4 and sum(histograms["gate_global"]["1"][7:]) == 4
     assert per_client["client_gate_global"]["0"] == 0.75
     assert set(out) == {  # every value in the section of its kind; only averages and client lists at the top
-        *("mean_acc", "weighted_acc", "std_acc", "min_acc", "no_test_clients", "gate_global_collapsed"),
+        *("mean_acc", "weighted_acc", "std_acc", "min_acc", "mean_balanced_acc", "no_test_clients"),
+        "gate_global_collapsed",
         *("per_client", "per_client_class", "histograms"),
     }
 
