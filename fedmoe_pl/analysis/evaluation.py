@@ -120,7 +120,7 @@ def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confus
     counts = np.array([per_client[cid]["n"] for cid in ids])
     # Balanced accuracy: the mean of a client's per-class accuracies over the classes in its test set,
     # which a client whose labels are imbalanced cannot raise by predicting its majority class.
-    balanced = np.array([np.mean(list(per_client[cid]["class_acc"].values())) for cid in ids])
+    balanced = np.array([_balanced(per_client[cid]) for cid in ids])
     out.update(
         mean_acc=float(accs.mean()),
         weighted_acc=float((accs * counts).sum() / counts.sum()),
@@ -158,6 +158,12 @@ def summarize(scores: dict[int, dict[str, Any] | None], num_classes: int, confus
             matrix += torch.tensor(per_client[cid]["confusion"], dtype=torch.long)
         out["confusion"] = matrix.tolist()
     return out
+
+
+def _balanced(scores: dict[str, Any]) -> float:
+    """A client's mean per-class accuracy (its accuracy where per-class accuracies are missing)."""
+    per_class = list(scores.get("class_acc", {}).values())
+    return float(np.mean(per_class)) if per_class else float(scores["acc"])
 
 
 def with_forgetting(scores: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
