@@ -255,34 +255,28 @@ def markdown(rows: list[dict[str, Any]], target: float, skipped: list[Run], link
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = method_order({r["method"] for r in rows})
     cell = {(r["setting"], r["method"]): r for r in rows}
-    out = [
-        "## Final mean client test accuracy (%), mean ± std over seeds",
-        "",
-        "| method | " + " | ".join(settings) + " |",
-        "|---|" + "---:|" * len(settings),
-    ]
-    for m in methods:
-        values = [
-            _pm(cell[(s, m)]["final_mean_acc"], cell[(s, m)]["final_mean_acc_std"]) if (s, m) in cell else ""
-            for s in settings
-        ]
-        out.append(f"| {m} | " + " | ".join(values) + " |")
+
+    def overview(title: str, key: str) -> list[str]:
+        """A methods x settings table of ``key`` (mean ± std over seeds; empty where a cell lacks it)."""
+        lines = [title, "", "| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
+        for m in methods:
+            values = [
+                _pm(cell[(s, m)][key], cell[(s, m)][f"{key}_std"]) if key in cell.get((s, m), {}) else ""
+                for s in settings
+            ]
+            lines.append(f"| {m} | " + " | ".join(values) + " |")
+        return lines
+
+    out = overview("## Final mean client test accuracy (%), mean ± std over seeds", "final_mean_acc")
     if any("final_balanced_acc" in r for r in rows):
         out += [
             "",
-            "## Final mean client balanced accuracy (%: each client's mean per-class accuracy), mean ± std over seeds",
-            "",
-            "| method | " + " | ".join(settings) + " |",
-            "|---|" + "---:|" * len(settings),
+            *overview(
+                "## Final mean client balanced accuracy (%: each client's mean per-class accuracy), mean ± std"
+                " over seeds",
+                "final_balanced_acc",
+            ),
         ]
-        for m in methods:
-            values = [
-                _pm(cell[(s, m)]["final_balanced_acc"], cell[(s, m)]["final_balanced_acc_std"])
-                if "final_balanced_acc" in cell.get((s, m), {})
-                else ""
-                for s in settings
-            ]
-            out.append(f"| {m} | " + " | ".join(values) + " |")
     for s in settings:
         out += [
             "",

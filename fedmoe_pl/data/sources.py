@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import shutil
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -269,3 +270,64 @@ class FashionMNIST(_TorchvisionSource):
         from torchvision.datasets import FashionMNIST as TV
 
         return TV(str(self.root), train=train, download=self.download)
+
+
+class FileSource(Source):
+    """A source read from a few files that sit in ``root/<folder>`` or in ``root`` itself, fetched from
+    ``url`` (under the data root's lock, each through a temporary file) when missing and ``download``.
+
+    Subclasses set ``name`` (for messages), ``folder``, ``files``, ``url`` and ``what`` (the files,
+    as a user would look for them) and read :meth:`located` files in ``load``.
+    """
+
+    name = ""
+    folder = ""
+    files: tuple[str, ...] = ()
+    url = ""
+    what = ""
+
+    def __init__(self, root: str = "data", download: bool = False) -> None:
+        self.root, self.download = Path(root), download
+
+    def _folder(self) -> Path:
+        """``root/<folder>`` when it holds any of the files (or ``root`` holds none), else ``root``."""
+        nested = self.root / self.folder
+        if any((nested / f).exists() for f in self.files) or not any((self.root / f).exists() for f in self.files):
+            return nested
+        return self.root
+
+    def located(self) -> Path:
+        """The folder holding every file, fetched first if allowed; a missing file is named."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(
+                f"data root {str(self.root)!r} is a file, not a folder; point data.source.init_args.root at a folder"
+            )
+        folder = self._folder()
+        missing = [f for f in self.files if not (folder / f).exists()]
+        if missing and not self.download:
+            raise FileNotFoundError(
+                f"{self.name}: {', '.join(missing)} not found in {str(folder)!r} and download is off. Set download: "
+                f"true on a machine with internet, or place {self.what} in {str(self.root / self.folder)!r}"
+            )
+        if missing:
+            self._fetch(folder, missing)
+        return folder
+
+    def _fetch(self, folder: Path, missing: list[str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / f".{self.folder}.lock"):
+            for name in missing:
+                if (folder / name).exists():
+                    continue  # another run fetched it while this one waited
+                tmp = folder / f"{name}.partial-{os.getpid()}"
+                log.warning("%s: downloading %s", self.name, self.url + name)
+                try:
+                    with urllib.request.urlopen(self.url + name, timeout=120) as response:
+                        tmp.write_bytes(response.read())
+                except OSError as err:
+                    tmp.unlink(missing_ok=True)
+                    raise FileNotFoundError(
+                        f"{name} could not be downloaded from {self.url} ({err}); place {self.what} in "
+                        f"{str(folder)!r} by hand"
+                    ) from err
+                tmp.replace(folder / name)

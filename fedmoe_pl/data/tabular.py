@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
 from fedmoe_pl.data.inputs import TabularInput
-from fedmoe_pl.data.sources import Source, SourceData
+from fedmoe_pl.data.sources import FileSource, SourceData
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +103,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class HeartDisease(Source):
+class HeartDisease(FileSource):
     """The UCI Heart Disease database: 920 patients of four hospitals (303 Cleveland, 294 Hungary,
     123 Switzerland, 200 Long Beach VA), 13 features each.
 
@@ -121,6 +118,10 @@ class HeartDisease(Source):
         split_seed: seeds the train/test split.
     """
 
+    name, folder, url = "Heart Disease", FOLDER, UCI_URL
+    files = tuple(file for file, _ in HOSPITALS)
+    what = "the four processed.*.data files from the UCI repository"
+
     def __init__(
         self,
         root: str = "data",
@@ -132,53 +133,12 @@ class HeartDisease(Source):
     ) -> None:
         if not 0 < test_fraction < 1:
             raise ValueError(f"HeartDisease test_fraction={test_fraction} must lie strictly between 0 and 1")
-        self.root, self.download = Path(root), download
+        super().__init__(root, download)
         self.binary, self.missing_indicators = binary, missing_indicators
         self.test_fraction, self.split_seed = test_fraction, split_seed
 
-    def _folder(self) -> Path:
-        """Where the files are: ``root/heart-disease`` when it holds any of them, else ``root``."""
-        nested = self.root / FOLDER
-        if any((nested / name).exists() for name, _ in HOSPITALS) or not any(
-            (self.root / name).exists() for name, _ in HOSPITALS
-        ):
-            return nested
-        return self.root
-
-    def _fetch(self, folder: Path, missing: list[str]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.root / f".{FOLDER}.lock"):
-            for name in missing:
-                if (folder / name).exists():
-                    continue  # another run fetched it while this one waited
-                tmp = folder / f"{name}.partial-{os.getpid()}"
-                log.warning("Heart Disease: downloading %s", UCI_URL + name)
-                try:
-                    with urllib.request.urlopen(UCI_URL + name, timeout=60) as response:
-                        tmp.write_bytes(response.read())
-                except OSError as err:
-                    tmp.unlink(missing_ok=True)
-                    raise FileNotFoundError(
-                        f"{name} could not be downloaded from {UCI_URL} ({err}); place the four "
-                        f"processed.*.data files in {str(folder)!r} by hand"
-                    ) from err
-                tmp.replace(folder / name)
-
     def load(self) -> SourceData:
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(
-                f"data root {str(self.root)!r} is a file, not a folder; point data.source.init_args.root at a folder"
-            )
-        folder = self._folder()
-        missing = [name for name, _ in HOSPITALS if not (folder / name).exists()]
-        if missing and self.download:
-            self._fetch(folder, missing)
-        elif missing:
-            raise FileNotFoundError(
-                f"Heart Disease: {', '.join(missing)} not found in {str(folder)!r} (all four hospitals' files "
-                f"are needed) and download is off. Set download: true on a machine with internet, or place "
-                f"the four processed.*.data files from the UCI repository in {str(self.root / FOLDER)!r}"
-            )
+        folder = self.located()
         rng = np.random.default_rng(self.split_seed)
         parts: dict[str, list[np.ndarray]] = {
             "train_x": [],

@@ -15,18 +15,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
 import re
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
 from fedmoe_pl.data.inputs import TextInput
-from fedmoe_pl.data.sources import Source, SourceData
+from fedmoe_pl.data.sources import FileSource, SourceData
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ def encode(texts: list[list[str]], vocabulary: list[str], seq_len: int) -> torch
     return torch.from_numpy(out)
 
 
-class AGNews(Source):
+class AGNews(FileSource):
     """AG News: 120,000 training and 7,600 test news items in 4 classes.
 
     Args:
@@ -95,54 +92,20 @@ class AGNews(Source):
         min_count: how often a training word must occur to get its own id.
     """
 
+    name, folder, url, files = "AG News", FOLDER, AG_NEWS_URL, ("train.csv", "test.csv")
+    what = "the distributed train.csv and test.csv"
+
     def __init__(
         self, root: str = "data", download: bool = False, seq_len: int = 64, max_vocab: int = 20000, min_count: int = 2
     ) -> None:
         for name, value, low in (("seq_len", seq_len, 1), ("max_vocab", max_vocab, 3), ("min_count", min_count, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"AGNews {name}={value!r} must be an integer of at least {low}")
-        self.root, self.download = Path(root), download
+        super().__init__(root, download)
         self.seq_len, self.max_vocab, self.min_count = seq_len, max_vocab, min_count
 
-    def _folder(self) -> Path:
-        nested = self.root / FOLDER
-        if (nested / "train.csv").exists() or not (self.root / "train.csv").exists():
-            return nested
-        return self.root
-
-    def _fetch(self, folder: Path, missing: list[str]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.root / f".{FOLDER}.lock"):
-            for name in missing:
-                if (folder / name).exists():
-                    continue
-                tmp = folder / f"{name}.partial-{os.getpid()}"
-                log.warning("AG News: downloading %s", AG_NEWS_URL + name)
-                try:
-                    with urllib.request.urlopen(AG_NEWS_URL + name, timeout=120) as response:
-                        tmp.write_bytes(response.read())
-                except OSError as err:
-                    tmp.unlink(missing_ok=True)
-                    raise FileNotFoundError(
-                        f"{name} could not be downloaded from {AG_NEWS_URL} ({err}); place AG News's train.csv and "
-                        f"test.csv in {str(folder)!r} by hand"
-                    ) from err
-                tmp.replace(folder / name)
-
     def load(self) -> SourceData:
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(
-                f"data root {str(self.root)!r} is a file, not a folder; point data.source.init_args.root at a folder"
-            )
-        folder = self._folder()
-        missing = [name for name in ("train.csv", "test.csv") if not (folder / name).exists()]
-        if missing and self.download:
-            self._fetch(folder, missing)
-        elif missing:
-            raise FileNotFoundError(
-                f"AG News: {', '.join(missing)} not found in {str(folder)!r} and download is off. Set download: true "
-                f"on a machine with internet, or place the distributed train.csv and test.csv in {str(folder)!r}"
-            )
+        folder = self.located()
         classes = len(AG_NEWS_CLASSES)
         train_texts, train_labels = read_csv(folder / "train.csv", classes)
         test_texts, test_labels = read_csv(folder / "test.csv", classes)

@@ -71,23 +71,35 @@ class CNNExtractor(nn.Module):
         return self.fc(self.conv(x))  # (B, width)
 
 
-class CNN(nn.Module):
-    """One member of the zoo, split into ``extractor`` and ``head`` (timm-style forward API)."""
+class SplitModel(nn.Module):
+    """A zoo model split into ``extractor`` (input -> (B, feature_dim)) and ``head`` (-> logits), with
+    timm's ``forward_features`` / ``forward_head``; every zoo family (CNN, MLP, text) is one.
 
-    def __init__(self, shape: CNNShape, in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> None:
+    The extractor declares its output width as ``out_features``.
+    """
+
+    def __init__(self, extractor: nn.Module, head: nn.Module) -> None:
         super().__init__()
-        self.extractor = CNNExtractor(shape, in_channels, image_size)
-        self.head = nn.Linear(shape.width, num_classes)
+        self.extractor = extractor
+        self.head = head
 
     @property
     def feature_dim(self) -> int:
-        return self.extractor.out_features
+        return int(self.extractor.out_features)  # type: ignore[arg-type]  # an int, by the contract
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.extractor(x)  # (B, feature_dim)
+        return self.extractor(x)  # type: ignore[no-any-return]  # (B, feature_dim)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)  # (B, num_classes)
+        return self.head(features)  # type: ignore[no-any-return]  # (B, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class CNN(SplitModel):
+    """One member of the zoo, split into ``extractor`` and ``head`` (timm-style forward API)."""
+
+    def __init__(self, shape: CNNShape, in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> None:
+        extractor = CNNExtractor(shape, in_channels, image_size)  # built before the head, as always
+        super().__init__(extractor, nn.Linear(shape.width, num_classes))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedmoe_pl.models.cnn import SplitModel
+
 
 @dataclass(frozen=True)
 class MLPShape:
@@ -51,23 +53,9 @@ class MLPExtractor(nn.Module):
         return self.net(x)  # (B, width)
 
 
-class MLP(nn.Module):
+class MLP(SplitModel):
     """One member of the tabular zoo, split into ``extractor`` and ``head`` like the CNNs."""
 
     def __init__(self, shape: MLPShape, num_features: int, num_classes: int = 2) -> None:
-        super().__init__()
-        self.extractor = MLPExtractor(shape, num_features)
-        self.head = nn.Linear(shape.width, num_classes)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.extractor.out_features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.extractor(x)  # (B, feature_dim)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        extractor = MLPExtractor(shape, num_features)
+        super().__init__(extractor, nn.Linear(shape.width, num_classes))

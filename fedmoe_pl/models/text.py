@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedmoe_pl.models.cnn import SplitModel
+
 WIDTH = 64  # the representation width every zoo model ends in
 
 
@@ -87,26 +89,11 @@ class TransformerExtractor(nn.Module):
         return self.fc(_mean(states, ids))  # (B, WIDTH)
 
 
-class TextModel(nn.Module):
+class TextModel(SplitModel):
     """A text zoo member: ``extractor`` (ids -> (B, 64)) and ``head`` (-> classes)."""
 
     def __init__(self, extractor: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.extractor = extractor
-        self.head = nn.Linear(WIDTH, num_classes)
-
-    @property
-    def feature_dim(self) -> int:
-        return WIDTH
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.extractor(x)  # (B, 64)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        super().__init__(extractor, nn.Linear(WIDTH, num_classes))
 
 
 def build_text_model(name: str, vocab_size: int, seq_len: int, num_classes: int) -> TextModel:
