@@ -64,7 +64,7 @@ class PlainLoopFleet:
                     sgd.zero_grad()
                     loss.backward()
                     sgd.step()
-                    losses.append(float(loss))
+                    losses.append(loss.item())
             result = ClientResult(cid, client.upload(), shard.num_train, {"train_loss": sum(losses) / len(losses)})
             yield FitOutcome(cid, result=result)
 
