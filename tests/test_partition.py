@@ -166,3 +166,41 @@ def test_one_count_for_all_clients_keeps_its_partition() -> None:
 def test_class_counts_that_cannot_work_are_refused(given, clients, message) -> None:
     with pytest.raises(ValueError, match=message):
         make(Pathological(given), num_clients=clients)
+
+
+def test_accuracy_by_class_count_pools_the_clients_holding_that_many_classes(tmp_path, monkeypatch, capsys) -> None:
+    import json
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    accs = {0: [0.9, 0.5, 0.7, 0.6], 1: [0.8, 0.4, 0.3, 0.2]}  # seed -> client accuracies
+    counts = {}
+    for seed, client_acc in accs.items():
+        dm = make(Pathological([2, 5]), num_clients=4, seed=seed)
+        report = dm.report()
+        counts[seed] = [len(c["train"]) for c in report["clients"]]
+        run = tmp_path / "grid" / f"quickstart-pfedmoe-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "partition.json").write_text(json.dumps(report))
+        (run / "cell.json").write_text(json.dumps({"axes": {"data": "quickstart", "method": "pfedmoe"}, "seed": seed}))
+        (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+        rows = [{"round": 1, "mean_acc": 0.1, "per_client": {"client_acc": {str(i): 0.1 for i in range(4)}}}]
+        final = {str(i): a for i, a in enumerate(client_acc)}
+        rows.append({"round": 2, "mean_acc": 0.5, "per_client": {"client_acc": final}})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = {}
+    for seed, client_acc in accs.items():
+        for k, a in zip(counts[seed], client_acc, strict=True):
+            expected.setdefault(k, []).append(a * 100)
+    monkeypatch.setattr("sys.argv", ["by_class_count.py", str(tmp_path / "grid")])
+    runpy.run_path(str(root / "experiments" / "by_class_count.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| method | seeds | " + " | ".join(f"{k} classes" for k in sorted(expected)) + " | all clients |" in out
+    cells = next(line for line in out.splitlines() if line.startswith("| pfedmoe | 2 |")).strip(" |").split(" | ")[2:]
+    for cell, k in zip(cells, sorted(expected), strict=False):
+        values = np.asarray(expected[k])
+        std = values.std(ddof=1) if len(values) > 1 else 0.0
+        assert cell == f"{values.mean():.1f} ± {std:.1f} ({len(values)})"
+    everyone = np.asarray([a * 100 for seed in accs for a in accs[seed]])
+    assert cells[-1] == f"{everyone.mean():.1f} ± {everyone.std(ddof=1):.1f} (8)"
