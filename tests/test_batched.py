@@ -165,19 +165,20 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 @pytest.mark.slow
-def test_batched_executor_quickstart_ten_rounds_agree_with_the_sequential_executor(tmp_path: Path) -> None:
-    """The real quickstart (Fashion-MNIST from Debian's dataset-fashion-mnist), clients stacked by architecture."""
+def test_batched_executor_quickstart_rounds_agree_with_the_sequential_executor(tmp_path: Path) -> None:
+    """The real quickstart (Fashion-MNIST from Debian's dataset-fashion-mnist), clients stacked by architecture.
+    Three rounds (a quickstart round is about half a minute here); the README's ten were measured once."""
     from fedmoe_pl.data.sources import DEBIAN_FASHION_MNIST
 
     if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST is not in {DEBIAN_FASHION_MNIST}: apt-get install dataset-fashion-mnist")
-    argv = ["fit", "--config", str(QUICKSTART), "--federation.rounds", "10", "--trainer.accelerator", "cpu"]
+    argv = ["fit", "--config", str(QUICKSTART), "--federation.rounds", "3", "--trainer.accelerator", "cpu"]
     argv += ["--data.source.init_args.root", str(tmp_path / "data")]
     main([*argv, "--federation.run_dir", str(tmp_path / "sequential")])
     stacked = ["--federation.executor", "batched", "--federation.batched_group", "10"]
     main([*argv, "--federation.run_dir", str(tmp_path / "batched"), *stacked])
     sequential, batched = _accuracies(tmp_path / "sequential"), _accuracies(tmp_path / "batched")
-    assert len(sequential) == len(batched) == 10
+    assert len(sequential) == len(batched) == 3
     assert all(abs(a - b) <= 0.0003 for a, b in zip(sequential, batched)), (sequential, batched)  # README: 0.03 points
     assert sequential[-1] > 0.9  # it learned: the comparison is between trained models
 
