@@ -94,6 +94,10 @@ def test_a_missing_or_damaged_hospital_file_is_named(tmp_path) -> None:
     path.write_text("\n".join(lines))
     with pytest.raises(ValueError, match=r":7: 'abc' is neither a number nor '\?'"):
         parse_hospital(path)
+    lines[6] = lines[5].replace(",", ",nan,", 1).rsplit(",", 1)[0]  # parses as a float, is not a value
+    path.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=r":7: 'nan' is neither a number nor '\?'"):
+        parse_hospital(path)
 
 
 class Rows(Source):

@@ -74,13 +74,12 @@ def parse_hospital(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{where}: {len(fields)} comma-separated values where the UCI 'processed' format has "
                 f"{len(FEATURES) + 1} (13 features and num); the file is damaged or another format: fetch it again"
             )
-        try:
-            values = [math.nan if f == "?" else float(f) for f in fields]
-        except ValueError:
-            bad = next(f for f in fields if f != "?" and not _is_number(f))
+        bad = next((f for f in fields if f != "?" and not _is_number(f)), None)
+        if bad is not None:
             raise ValueError(
                 f"{where}: {bad!r} is neither a number nor '?' (missing); the file is damaged: fetch it again"
-            ) from None
+            )
+        values = [math.nan if f == "?" else float(f) for f in fields]
         num = values[-1]
         if not math.isfinite(num) or num != int(num) or not 0 <= num <= 4:
             raise ValueError(f"{where}: diagnosis num={fields[-1]!r} is not one of 0-4; the file is damaged")
@@ -96,11 +95,11 @@ def parse_hospital(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _is_number(text: str) -> bool:
+    """A finite decimal number ("nan" and "inf" parse as floats but are not values of this format)."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 class HeartDisease(FileSource):

@@ -49,13 +49,13 @@ def read_csv(path: Path, num_classes: int) -> tuple[list[list[str]], np.ndarray]
                 where = f"{path}:{reader.line_num}"
                 if not row or (reader.line_num == 1 and not row[0].strip().isdigit()):
                     continue  # an empty line; a header ("Class Index","Title","Description" in some copies)
-                if len(row) < 2 or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= num_classes:
+                if len(row) != 3 or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= num_classes:
                     raise ValueError(
                         f"{where}: {row[:3]!r} is not a row of the AG News format (a class 1-{num_classes}, then "
                         "the title and the description); the file is damaged or another format: fetch it again"
                     )
                 labels.append(int(row[0]) - 1)
-                texts.append(words(" ".join(row[1:])))
+                texts.append(words(f"{row[1]} {row[2]}"))
         except csv.Error as err:
             raise ValueError(f"{path}:{reader.line_num}: {err}; the file is damaged: fetch it again") from None
     if not texts:
