@@ -4,6 +4,7 @@ that reports forgetting and resumes to the uninterrupted result."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,40 @@ def test_a_change_after_the_last_round_ends_in_one_line_before_anything_is_writt
     assert exit_.value.code == 2
     assert "after the run's last round (federation.rounds=2)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_later_drift_list_replaces_the_earlier_one_whole(tmp_path: Path, capsys) -> None:
+    # jsonargparse merges lists of classes index by index; a drift entry must not inherit fields
+    # (here the shift's rotation) from the entry it replaces.
+    config = _drift_config(tmp_path, 4, [{"round": 2, "kind": "rotate"}, {"round": 3, "kind": "shift", "rotation": 30}])
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(
+        "data:\n  drift:\n    - {round: 2, kind: arrive, classes: [1]}\n    - {round: 4, kind: rotate}\n"
+    )
+    given = [{"round": 2, "kind": "arrive", "classes": [1]}, {"round": 4, "kind": "rotate"}]
+    flag = "[{round: 2, kind: arrive, classes: [1]}, {round: 4, kind: rotate}]"
+    for extra in (["--config", str(overlay)], ["--data.drift", flag]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(config), *extra, "--print_config"])
+        assert exit_.value.code == 0
+        assert yaml.safe_load(capsys.readouterr().out)["data"]["drift"] == given
+    schedule = FederatedDataModule(Synthetic(), Pathological(), drift=given).drift
+    assert schedule == [Drift(round=2, kind="arrive", classes=[1]), Drift(round=4, kind="rotate")]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{round: 3, kind: rotate, spin: 2}", r"unknown key\(s\) \['spin'\]; the keys are \['round', 'kind'"),
+        ("{kind: rotate}", "round missing, e.g. {round: 6, kind: rotate}"),
+    ],
+)
+def test_a_malformed_drift_entry_ends_in_one_line(tmp_path: Path, capsys, entry: str, message: str) -> None:
+    config = _drift_config(tmp_path, 4, [])
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["fit", "--config", str(config), "--data.drift", f"[{entry}]", "--federation.run_dir", str(tmp_path / "r")]
+        )
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err)
+    assert not (tmp_path / "r").exists()

@@ -25,9 +25,9 @@ would, and the partition's fingerprint covers the schedule.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,6 +58,30 @@ class Drift:
     rotation: float = 0.0
     noise: float = 0.0
     invert: bool = False
+
+    @classmethod
+    def of(cls, entry: Drift | Mapping[str, Any]) -> Drift:
+        """A change from a config entry (a mapping of this class's fields), or the change itself."""
+        if isinstance(entry, Drift):
+            return entry
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"data.drift entry {entry!r} is not a mapping; write e.g. {{round: 6, kind: rotate}}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(entry) - set(names))
+        if unknown:
+            raise ValueError(f"data.drift entry {dict(entry)}: unknown key(s) {unknown}; the keys are {names}")
+        missing = [name for name in ("round", "kind") if name not in entry]
+        if missing:
+            raise ValueError(
+                f"data.drift entry {dict(entry)}: {' and '.join(missing)} missing, e.g. {{round: 6, kind: rotate}}"
+            )
+        values = dict(entry)
+        if isinstance(values.get("classes"), (list, tuple)):
+            values["classes"] = list(values["classes"])
+        for name in ("rotation", "noise"):  # YAML writes 30 for 30.0
+            if isinstance(values.get(name), int) and not isinstance(values[name], bool):
+                values[name] = float(values[name])
+        return cls(**values)
 
     def __post_init__(self) -> None:
         where = f"data.drift entry {asdict(self)}"

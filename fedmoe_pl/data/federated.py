@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal, overload
 
@@ -79,7 +79,9 @@ class FederatedDataModule:
         augment: crop-with-padding and horizontal flips while training. ``None`` turns them on for
             colour data and off for gray images such as digits.
         drift: changes of the clients' data from stated rounds on (:mod:`fedmoe_pl.data.drift`);
-            none by default.
+            none by default. Each entry is a :class:`Drift` or a mapping of its fields; a list given
+            in a later config file or on the command line replaces the earlier list whole (no field
+            of an earlier entry carries over).
     """
 
     def __init__(
@@ -92,7 +94,7 @@ class FederatedDataModule:
         batch_size: int = 64,
         eval_batch_size: int = 512,
         augment: bool | None = None,
-        drift: list[Drift] | None = None,
+        drift: list[Mapping[str, Any] | Drift] | None = None,
     ) -> None:
         if split not in ("paper", "pooled"):
             raise ValueError(f"split={split!r} is not a convention; use 'paper' or 'pooled'")
@@ -103,7 +105,7 @@ class FederatedDataModule:
         self.source, self.partitioner = source, partitioner
         self.num_clients, self.split, self.train_fraction = num_clients, split, train_fraction
         self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
-        self.drift = list(drift or [])
+        self.drift = [Drift.of(entry) for entry in drift or []]
         self.clients: Sequence[ClientDataModule] = []  # the shards of the first phase (all rounds, without drift)
         self.schedule: Schedule | None = None  # the drift's phases, known after setup
         self._phases: dict[int, Shards] = {}
