@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -197,3 +199,28 @@ def test_a_malformed_drift_entry_ends_in_one_line(tmp_path: Path, capsys, entry:
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err)
     assert not (tmp_path / "r").exists()
+
+
+def test_accuracy_by_round_averages_current_and_before_drift_over_seeds(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = Path(__file__).resolve().parents[1]
+    # seed -> round -> (mean_acc, mean_acc_before_drift or None); round 3 is missing from seed 1
+    runs = {0: {2: (0.5, None), 3: (0.2, 0.6), 4: (0.4, 0.5)}, 1: {2: (0.7, None), 4: (0.6, 0.3)}}
+    for seed, by_round in runs.items():
+        run = tmp_path / "grid" / f"quickstart-pfedmoe-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "cell.json").write_text(json.dumps({"axes": {"data": "quickstart", "method": "pfedmoe"}, "seed": seed}))
+        (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+        lines = [{"round": 1, "mean_acc": 0.1}]
+        for r, (acc, before) in by_round.items():
+            lines.append({"round": r, "mean_acc": acc, **({"mean_acc_before_drift": before} if before else {})})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setattr("sys.argv", ["by_round.py", str(tmp_path / "grid"), "--rounds", "2", "3", "4"])
+    runpy.run_path(str(root / "experiments" / "by_round.py"), run_name="__main__")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| pfedmoe | 2 |"))
+
+    def pm(*values: float) -> str:
+        arr = np.asarray(values) * 100
+        return f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f}"
+
+    expected = [pm(0.5, 0.7), f"{pm(0.2)} / {pm(0.6)}", f"{pm(0.4, 0.6)} / {pm(0.5, 0.3)}"]
+    assert row.strip(" |").split(" | ")[2:] == expected
