@@ -53,6 +53,9 @@ def test_a_schedule_s_phases_by_hand() -> None:
     assert [len(schedule.shifts(p)) for p in range(4)] == [0, 0, 1, 1]
     with pytest.raises(ValueError, match=r"rounds \[5\], after the run's last round \(federation.rounds=4\)"):
         schedule.check_rounds(4)
+    with pytest.raises(ValueError, match=r"rotate with step=8 hands every one of the 4 clients its own data back"):
+        Schedule([Drift(round=2, kind="rotate", step=8)], 4)
+    assert Drift.of({"round": 2, "kind": "shift", "rotation": 30}) == Drift(round=2, kind="shift", rotation=30.0)
     with pytest.raises(ValueError, match=r"classes \[9\] are not classes of the dataset \(0 .. 7\)"):
         Schedule([Drift(round=2, kind="arrive", classes=[9])], 4).check_classes(8)
 
@@ -117,11 +120,14 @@ def test_a_shift_changes_the_images_the_same_way_every_time() -> None:
         (dict(round=3, kind="shift"), "a shift changes nothing"),
         (dict(round=3, kind="shift", noise=-0.1), "noise a finite number >= 0"),
         (dict(round=3, kind="rotate", rotation=30.0), "belong to a shift change only"),
+        (dict(round=3, kind="arrive", classes=8), "classes must be a list of class indices"),
+        (dict(round=3, kind="shift", rotation="30"), "rotation and noise must be numbers"),
+        (dict(round=3, kind="shift", invert="yes"), "invert must be true or false"),
     ],
 )
 def test_a_change_that_cannot_work_is_refused(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        Drift(**change)
+        Drift.of(change)
 
 
 def _drift_config(tmp_path: Path, rounds: int, drift: list[dict]) -> Path:

@@ -37,6 +37,10 @@ KINDS = ("rotate", "arrive", "shift")
 DRIFT_STREAM = 2  # SeedSequence key: the shift's noise, apart from the partition's stream (1)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Drift:
     """One change of the clients' data, from round ``round`` on (see the module docstring).
@@ -75,21 +79,27 @@ class Drift:
             raise ValueError(
                 f"data.drift entry {dict(entry)}: {' and '.join(missing)} missing, e.g. {{round: 6, kind: rotate}}"
             )
-        values = dict(entry)
-        if isinstance(values.get("classes"), (list, tuple)):
-            values["classes"] = list(values["classes"])
-        for name in ("rotation", "noise"):  # YAML writes 30 for 30.0
-            if isinstance(values.get(name), int) and not isinstance(values[name], bool):
-                values[name] = float(values[name])
-        return cls(**values)
+        return cls(**entry)
 
     def __post_init__(self) -> None:
+        # one form for every way of writing the same change (the fingerprint hashes it)
+        if isinstance(self.classes, tuple):
+            object.__setattr__(self, "classes", list(self.classes))
+        for name in ("rotation", "noise"):  # YAML reads 30 as an int
+            if _is_int(getattr(self, name)):
+                object.__setattr__(self, name, float(getattr(self, name)))
         where = f"data.drift entry {asdict(self)}"
         if self.kind not in KINDS:
             raise ValueError(f"{where}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not isinstance(self.classes, list) or not all(_is_int(k) for k in self.classes):
+            raise ValueError(f"{where}: classes must be a list of class indices, e.g. classes: [8, 9]")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (self.rotation, self.noise)):
+            raise ValueError(f"{where}: rotation and noise must be numbers")
+        if not isinstance(self.invert, bool):
+            raise ValueError(f"{where}: invert must be true or false")
         if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 2:
             raise ValueError(f"{where}: round must be an integer of at least 2 (round 1 trains on the partition)")
-        if self.kind == "rotate" and (isinstance(self.step, bool) or not isinstance(self.step, int)):
+        if not _is_int(self.step):
             raise ValueError(f"{where}: step must be an integer")
         if self.kind == "arrive" and not self.classes:
             raise ValueError(f"{where}: an arrive change needs the classes that arrive, e.g. classes: [8, 9]")
@@ -115,6 +125,12 @@ class Schedule:
     def __init__(self, changes: Sequence[Drift], num_clients: int) -> None:
         self.changes = sorted(changes, key=lambda change: change.round)  # stable: same-round order kept
         self.num_clients = num_clients
+        for change in self.changes:
+            if change.kind == "rotate" and change.step % num_clients == 0:
+                raise ValueError(
+                    f"data.drift at round {change.round}: rotate with step={change.step} hands every one of the "
+                    f"{num_clients} clients its own data back; use a step that is not a multiple of {num_clients}"
+                )
         self.starts = [1, *sorted({change.round for change in self.changes})]  # each phase's first round
 
     def check_classes(self, num_classes: int) -> None:
