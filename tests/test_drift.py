@@ -230,3 +230,17 @@ def test_accuracy_by_round_averages_current_and_before_drift_over_seeds(tmp_path
 
     expected = [pm(0.5, 0.7), f"{pm(0.2)} / {pm(0.6)}", f"{pm(0.4, 0.6)} / {pm(0.5, 0.3)}"]
     assert row.strip(" |").split(" | ")[2:] == expected
+
+
+def test_the_accuracy_picture_breaks_the_before_drift_line_at_each_change(tmp_path: Path, monkeypatch) -> None:
+    from fedmoe_pl.analysis import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [{"round": r, "mean_acc": 0.5} for r in range(1, 8)]
+    for r in (3, 4, 6, 7):  # changes at rounds 3 and 6
+        rows[r - 1]["mean_acc_before_drift"] = r / 10
+    plots.plot_accuracy(rows, tmp_path, drift_rounds=[3, 6])
+    lines = [line for line in figures[0].axes[0].lines if line.get_marker() == "s"]
+    assert [list(line.get_xdata()) for line in lines] == [[3, 4], [6, 7]]
+    assert [list(line.get_ydata()) for line in lines] == [[30.0, 40.0], [60.0, 70.0]]

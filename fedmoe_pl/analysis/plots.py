@@ -84,8 +84,14 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path, drift_rounds: list[int]
     before = [
         (r["round"], r["mean_acc_before_drift"] * 100) for r in evaluated if r.get("mean_acc_before_drift") is not None
     ]
-    if before:
-        ax.plot(*zip(*before), marker="s", ms=3, lw=1.5, color="C2", label="mean, on the data held before the drift")
+    # one line per phase: after each change "before" refers to other data, so the line breaks there
+    starts = sorted(set(drift_rounds or []))
+    phases: dict[int, list[tuple[int, float]]] = {}
+    for round_, acc in before:
+        phases.setdefault(sum(1 for start in starts if start <= round_), []).append((round_, acc))
+    for i, points in enumerate(phases.values()):
+        label = "mean, on the data held before the latest change" if i == 0 else None
+        ax.plot(*zip(*points), marker="s", ms=3, lw=1.5, color="C2", label=label)
     for i, start in enumerate(drift_rounds or []):
         ax.axvline(start - 0.5, color="0.4", ls="--", lw=1, label="data drifts" if i == 0 else None)
     ax.set(xlabel="round", ylabel="client test accuracy (%)", title="Mean client test accuracy per round")
