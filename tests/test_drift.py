@@ -244,3 +244,4 @@ def test_the_accuracy_picture_breaks_the_before_drift_line_at_each_change(tmp_pa
     lines = [line for line in figures[0].axes[0].lines if line.get_marker() == "s"]
     assert [list(line.get_xdata()) for line in lines] == [[3, 4], [6, 7]]
     assert [list(line.get_ydata()) for line in lines] == [[30.0, 40.0], [60.0, 70.0]]
+    plots._pyplot().close(figures[0])
