@@ -131,6 +131,13 @@ def test_standardization_uses_the_training_rows_only_and_fills_missing_values_wi
     assert torch.equal(other.clients[0].train_transform.mean, dm.clients[0].train_transform.mean)
 
 
+def test_image_augmentation_is_refused_on_rows() -> None:
+    rows = torch.ones(4, 3)
+    with pytest.raises(ValueError, match=r"data.augment=true crops and flips images, but the data gives tabular rows"):
+        FederatedDataModule(Rows(rows, rows), Natural(), 2, augment=True).setup(0)
+    FederatedDataModule(Rows(rows, rows), Natural(), 2, augment=False).setup(0)  # off is fine
+
+
 def test_feature_statistics_leave_out_missing_values() -> None:
     fitted = FeatureTransform.fit(torch.tensor([[1.0, math.nan], [3.0, math.nan]]))
     assert fitted.mean.tolist() == [[2.0, 0.0]] and fitted.std.tolist() == [[1.0, 1.0]]

@@ -130,6 +130,11 @@ class FederatedDataModule:
                 f"data.drift: a shift change (rotation, noise, invert) transforms images, but the data gives "
                 f"{data.sample.describe()}; use rotate or arrive changes"
             )
+        if self.augment and not isinstance(data.sample, ImageInput):
+            raise ValueError(
+                f"data.augment=true crops and flips images, but the data gives {data.sample.describe()}; "
+                "leave data.augment unset (null) or false"
+            )
         rng = np.random.default_rng(np.random.SeedSequence([seed, PARTITION_STREAM]))
         if self.split == "paper":
             train_x, train_y, test_x, test_y = data.train_images, data.train_labels, data.test_images, data.test_labels
