@@ -185,6 +185,10 @@ def test_a_later_drift_list_replaces_the_earlier_one_whole(tmp_path: Path, capsy
             main(["fit", "--config", str(config), *extra, "--print_config"])
         assert exit_.value.code == 0
         assert yaml.safe_load(capsys.readouterr().out)["data"]["drift"] == given
+    with pytest.raises(SystemExit):  # and "+" appends a change
+        main(["fit", "--config", str(config), "--data.drift+", "{round: 4, kind: rotate, step: 2}", "--print_config"])
+    appended = yaml.safe_load(capsys.readouterr().out)["data"]["drift"]
+    assert appended[-1] == {"round": 4, "kind": "rotate", "step": 2} and len(appended) == 3
     schedule = FederatedDataModule(Synthetic(), Pathological(), drift=given).drift
     assert schedule == [Drift(round=2, kind="arrive", classes=[1]), Drift(round=4, kind="rotate")]
 
