@@ -14,17 +14,12 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from fedmoe_pl.analysis.results import find_runs, load_run, method_order
+from fedmoe_pl.analysis.results import completed_runs, mean_pm, method_order
 from fedmoe_pl.run.rundir import PARTITION, PER_CLIENT, RunDirectory
 
 
 def _cell(values: list[float]) -> str:
-    if not values:
-        return ""
-    arr = np.asarray(values) * 100
-    return f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f} ({len(arr)})"
+    return f"{mean_pm(values, digits=1)} ({len(values)})" if values else ""
 
 
 def client_accuracies(path: Path) -> list[tuple[int, float]]:
@@ -47,12 +42,9 @@ def main() -> None:
     # setting -> method -> class count -> accuracies (clients x seeds); and the seeds per (setting, method)
     table: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     seeds: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for path in find_runs(args.runs):
-        run = load_run(path)
-        if run.summary.get("status") != "completed":
-            continue
+    for run in completed_runs(args.runs):
         seeds[(run.setting, run.method)].add(run.seed)
-        for count, acc in client_accuracies(path):
+        for count, acc in client_accuracies(run.path):
             table[run.setting][run.method][count].append(acc)
     if not table:
         raise SystemExit(f"no completed run under {[str(p) for p in args.runs]}")

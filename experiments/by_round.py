@@ -15,22 +15,15 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from fedmoe_pl.analysis.results import find_runs, load_run, method_order
+from fedmoe_pl.analysis.results import completed_runs, mean_pm, method_order
 from fedmoe_pl.run.rundir import RunDirectory
 
 KEYS = ("mean_acc", "mean_acc_before_drift")
 
 
-def _pm(values: list[float]) -> str:
-    arr = np.asarray(values) * 100
-    return f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f}"
-
-
 def cell(by_key: dict[str, list[float]]) -> str:
     """``current / before`` (or ``current`` alone), each mean ± std over seeds in percent."""
-    return " / ".join(_pm(by_key[key]) for key in KEYS if by_key.get(key))
+    return " / ".join(mean_pm(by_key[key], digits=1) for key in KEYS if by_key.get(key))
 
 
 def accuracies(path: Path, rounds: list[int]) -> dict[int, dict[str, float]]:
@@ -52,12 +45,9 @@ def main() -> None:
         lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     )
     seeds: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for path in find_runs(args.runs):
-        run = load_run(path)
-        if run.summary.get("status") != "completed":
-            continue
+    for run in completed_runs(args.runs):
         seeds[(run.setting, run.method)].add(run.seed)
-        for round_, values in accuracies(path, args.rounds).items():
+        for round_, values in accuracies(run.path, args.rounds).items():
             for key, value in values.items():
                 table[run.setting][run.method][round_][key].append(value)
     if not table:

@@ -16,6 +16,7 @@ Written at the end of every run and by ``fedmoe-pl plot RUN_DIR`` (also for an i
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path, drift_rounds: list[int]
     starts = sorted(set(drift_rounds or []))
     phases: dict[int, list[tuple[int, float]]] = {}
     for round_, acc in before:
-        phases.setdefault(sum(1 for start in starts if start <= round_), []).append((round_, acc))
+        phases.setdefault(bisect.bisect_right(starts, round_), []).append((round_, acc))
     for i, points in enumerate(phases.values()):
         label = "mean, on the data held before the latest change" if i == 0 else None
         ax.plot(*zip(*points), marker="s", ms=3, lw=1.5, color="C2", label=label)

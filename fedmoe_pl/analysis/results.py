@@ -202,6 +202,16 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def completed_runs(paths: list[Path]) -> list[Run]:
+    """The completed runs among ``paths`` and below them (see :func:`find_runs`)."""
+    return [run for run in map(load_run, find_runs(paths)) if run.summary.get("status") == "completed"]
+
+
+def mean_pm(values: Sequence[float], digits: int = 2) -> str:
+    """Fractions as percent, ``mean ± std`` over them (std 0 for a single value)."""
+    return _pm(*_stats(values), digits=digits)
+
+
 def summarise(runs: list[Run], target: float, links: Sequence[Link] = ()) -> list[dict[str, Any]]:
     """One row per (setting, method): mean and std over seeds of every column; per link, seconds per
     round and to the target (over the seeds that reached it)."""

@@ -93,11 +93,11 @@ class Drift:
             raise ValueError(f"{where}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if not isinstance(self.classes, list) or not all(_is_int(k) for k in self.classes):
             raise ValueError(f"{where}: classes must be a list of class indices, e.g. classes: [8, 9]")
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (self.rotation, self.noise)):
+        if not (isinstance(self.rotation, float) and isinstance(self.noise, float)):  # ints were made floats above
             raise ValueError(f"{where}: rotation and noise must be numbers")
         if not isinstance(self.invert, bool):
             raise ValueError(f"{where}: invert must be true or false")
-        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 2:
+        if not _is_int(self.round) or self.round < 2:
             raise ValueError(f"{where}: round must be an integer of at least 2 (round 1 trains on the partition)")
         if not _is_int(self.step):
             raise ValueError(f"{where}: step must be an integer")
