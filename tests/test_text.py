@@ -77,11 +77,17 @@ def test_bad_ag_news_files_are_named(tmp_path) -> None:
     (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"train.csv:4: \['9', 'title', 'text'\] is not a row of the AG News format"):
         AGNews(root=str(tmp_path)).load()
-    for row, shown in (('"2","title only"', "['2', 'title only']"), ('"2","a","b","c"', "['2', 'a', 'b']")):
+    for row, shown, count in (
+        ('"2","title only"', "['2', 'title only']", 2),
+        ('"2","a","b","c"', "['2', 'a', 'b']", 4),
+    ):
         lines[3] = row  # the format has exactly three fields: class, title, description
         (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
-        with pytest.raises(ValueError, match=re.escape(f"train.csv:4: {shown} is not a row of the AG News format")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"train.csv:4: {shown} is not a row of the AG News format")
+        ) as err:
             AGNews(root=str(tmp_path)).load()
+        assert f"this row has {count})" in str(err.value)
     with pytest.raises(ValueError, match="seq_len=0 must be an integer of at least 1"):
         AGNews(seq_len=0)
 

@@ -51,8 +51,9 @@ def read_csv(path: Path, num_classes: int) -> tuple[list[list[str]], np.ndarray]
                     continue  # an empty line; a header ("Class Index","Title","Description" in some copies)
                 if len(row) != 3 or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= num_classes:
                     raise ValueError(
-                        f"{where}: {row[:3]!r} is not a row of the AG News format (a class 1-{num_classes}, then "
-                        "the title and the description); the file is damaged or another format: fetch it again"
+                        f"{where}: {row[:3]!r} is not a row of the AG News format (three fields: a class "
+                        f"1-{num_classes}, the title, the description; this row has {len(row)}); the file is damaged "
+                        "or another format: fetch it again"
                     )
                 labels.append(int(row[0]) - 1)
                 texts.append(words(f"{row[1]} {row[2]}"))
